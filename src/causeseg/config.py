@@ -1,0 +1,271 @@
+"""Configuration: dataclasses, YAML presets under ``configs/`` and ``key.path=value`` overrides.
+
+A preset may name another preset it extends with ``_base_: other.yaml`` (resolved relative to the
+preset's folder); the child's values are merged over the base's, section by section. The resolved
+configuration is written into every run directory so that a run can be repeated exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+@dataclass
+class BackboneConfig:
+    name: str = "efficientnet_lite0"
+    weights: str | None = None  # path to an official checkpoint file
+    download: bool = False  # fetch the official weights from their URL (needs a network)
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. feature_stride, num_heads
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "camvid"  # cocostuff27, coco81, coco171, cityscapes27, voc, camvid, paired, images
+    root: str | None = None  # dataset root; None = the shared data root for 'paired'/'camvid' presets
+    train_split: str = "train"
+    val_split: str = "val"
+    crop: str = "none"  # training crops: none, five, ten, double, super
+    mode: str | None = None  # protocol geometry: center (default) or squash (VOC)
+    num_classes: int = 11
+    label_spec: dict[str, Any] | None = None  # custom label map for 'paired'
+    on_error: str = "raise"  # raise | skip (bad files are skipped and reported)
+    num_workers: int = 0
+
+
+@dataclass
+class Step1Config:
+    """Step 1: the concept clusterbook (mediator)."""
+
+    method: str = "modularity"  # modularity | kmeans++ | spectral | agglomerative | ward
+    k: int = 2048
+    tau: float = 0.1
+    variant: str = "code"  # code: max over concepts (official) | paper: Eq. 6 (sum over concepts)
+    grid: int = 4
+    resolution: int = 320
+    batch_size: int = 16
+    epochs: int = 1
+    lr: float = 1e-3
+    max_samples: int = 20000  # tokens sampled for the alternative discretisers
+
+
+@dataclass
+class Step2Config:
+    """Step 2: the segmentation head trained by concept-wise contrastive learning."""
+
+    head: str = "tr"  # tr | mlp
+    reduced_dim: int = 90
+    projection_dim: int = 2048
+    ffn_dim: int = 2048
+    dropout: float = 0.1
+    extra_residual: bool = True  # official TR: u = T + LN3(u)
+    resolution: int = 320
+    batch_size: int = 16
+    epochs: int = 2
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    grad_clip: float = 2.0  # global norm over the unsupervised head only; 0 = off
+    tau: float = 0.07
+    phi_pos: float = 0.3
+    phi_neg: float = 0.1
+    loss_form: str = "official"  # official (SupCon-style) | paper (Eq. 4)
+    feature_space: str = "projection"  # projection (official, 2048-d) | head (paper, r-d)
+    bank_size: int = 100
+    bank_policy: str = "official"  # official (keep half of new, FIFO) | paper (discard half, add half)
+    use_bank: bool = True
+    ema: float = 0.99
+    grid: int = 4
+    loss_chunk: int | None = None  # anchors per chunk for the bank log-sum-exp (memory bound)
+
+
+@dataclass
+class Step3Config:
+    """Step 3: the C class centroids (label-free)."""
+
+    learner: str = "modularity"  # modularity (official) | kmeans (online spherical k-means probe)
+    resolution: int = 320
+    batch_size: int = 16
+    epochs: int = 5
+    lr: float = 1e-3
+    tau: float = 0.1
+    grid: int = 4
+    dropout_active: bool = True  # official: the teacher head runs with dropout during Step 3
+
+
+@dataclass
+class EvalConfig:
+    resolution: int = 320
+    batch_size: int = 16
+    flip: bool = True
+    crf: bool = True
+    alpha: float = 3.0  # CRF unary = softmax(alpha * cos); CAUSE 3, STEGO/HP 2
+    crf_workers: int = 2
+    crf_timeout: float | None = 120.0
+    linear_probe: bool = False  # separate supervised evaluation (paper Table 2)
+    probe_epochs: int = 2
+    figures: int = 8  # number of images in the prediction figure
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"  # auto (bf16/fp16 on CUDA, off on CPU) | bf16 | fp16 | off
+    checkpoint_every: int = 100  # optimiser steps between atomic checkpoints
+    feature_cache: str = "auto"  # auto (cache when the estimate fits) | on | off
+    cache_limit_gb: float = 8.0
+    lr_scaling: str = "none"  # none | linear (lr x world size, the official regime)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    step1: Step1Config = field(default_factory=Step1Config)
+    step2: Step2Config = field(default_factory=Step2Config)
+    step3: Step3Config = field(default_factory=Step3Config)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _merge(base: dict, child: dict) -> dict:
+    out = dict(base)
+    for key, value in child.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("options", "label_spec"):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: circular _base_ chain")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = data.pop("_base_", None)
+    if base:
+        data = _merge(_read_yaml(path.parent / base, seen + (path,)), data)
+    return data
+
+
+def _coerce(value: str) -> Any:
+    return yaml.safe_load(value) if value != "" else ""
+
+
+def _from_dict(data: dict, source: str) -> Config:
+    cfg = Config()
+    valid = {f.name: f for f in fields(Config)}
+    for section, values in data.items():
+        if section not in valid:
+            raise ConfigError(f"{source}: unknown section '{section}' (known: {', '.join(valid)})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping")
+        obj = getattr(cfg, section)
+        names = {f.name for f in fields(obj)}
+        for key, value in values.items():
+            if key not in names:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(sorted(names))})")
+            setattr(obj, key, value)
+    return cfg
+
+
+def resolve_preset(name_or_path: str | Path) -> Path:
+    """A preset name (``camvid_effnet``) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    cand = CONFIG_DIR / f"{name_or_path}.yaml"
+    if cand.exists():
+        return cand
+    if p.exists():
+        return p
+    raise ConfigError(f"no preset or config file named '{name_or_path}' (presets: {', '.join(list_presets())})")
+
+
+def list_presets() -> list[str]:
+    if not CONFIG_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a preset (name or YAML path) and apply ``section.key=value`` overrides."""
+    data: dict = {}
+    source = "<defaults>"
+    if preset is not None:
+        path = resolve_preset(preset)
+        data = _read_yaml(path)
+        source = str(path)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) < 2:
+            raise ConfigError(f"override '{item}' must name a section and a key, e.g. step2.phi_pos=0.2")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _coerce(value)
+    cfg = _from_dict(data, source)
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = _from_dict(data, "<dict>")
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    def choice(name: str, value: Any, allowed: tuple) -> None:
+        if value not in allowed:
+            raise ConfigError(f"{name}={value!r} is not one of {allowed}")
+
+    choice("step1.method", cfg.step1.method, ("modularity", "kmeans++", "spectral", "agglomerative", "ward"))
+    choice("step1.variant", cfg.step1.variant, ("code", "paper"))
+    choice("step2.head", cfg.step2.head, ("tr", "mlp"))
+    choice("step2.loss_form", cfg.step2.loss_form, ("official", "paper"))
+    choice("step2.feature_space", cfg.step2.feature_space, ("projection", "head"))
+    choice("step2.bank_policy", cfg.step2.bank_policy, ("official", "paper"))
+    choice("step3.learner", cfg.step3.learner, ("modularity", "kmeans"))
+    choice("run.amp", cfg.run.amp, ("auto", "bf16", "fp16", "off"))
+    choice("run.feature_cache", cfg.run.feature_cache, ("auto", "on", "off"))
+    choice("run.lr_scaling", cfg.run.lr_scaling, ("none", "linear"))
+    if not 0 <= cfg.step2.phi_neg <= cfg.step2.phi_pos <= 1:
+        raise ConfigError(f"need 0 <= phi_neg <= phi_pos <= 1, got {cfg.step2.phi_neg}, {cfg.step2.phi_pos}")
+    if cfg.step1.k < 2:
+        raise ConfigError("step1.k must be at least 2")
+    if cfg.data.num_classes < 2:
+        raise ConfigError("data.num_classes must be at least 2")
+    if not 0 <= cfg.step2.ema < 1:
+        raise ConfigError("step2.ema must be in [0, 1)")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    from .utils import atomic_write_bytes
+
+    atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())

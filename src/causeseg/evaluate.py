@@ -1,0 +1,130 @@
+"""Evaluation under the field's protocol, with and without the dense CRF.
+
+The confusion matrix is accumulated over the whole split (sharded over ranks and all-reduced
+when distributed) and matched once with the Hungarian algorithm; mIoU is the nan-mean of the
+per-class IoU, pAcc the overall pixel accuracy. Labels are only read here, after training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from . import distributed as D
+from .metrics import UnsupervisedMetrics
+from .predict import Predictor, to_uint8
+from .utils import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+def _collate(batch):
+    return {
+        "image": torch.stack([b["image"] for b in batch]),
+        "label": torch.stack([b["label"] for b in batch]),
+        "name": [b["name"] for b in batch],
+        "index": torch.tensor([b["index"] for b in batch]),
+    }
+
+
+def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int = 16, crf: bool = True,
+             crf_workers: int = 0, crf_timeout: float | None = None, out_dir: str | Path | None = None,
+             class_names: list[str] | None = None, figures: int = 8, progress: bool = True,
+             num_workers: int = 0) -> dict[str, Any]:
+    """Score ``predictor`` on a labelled dataset; writes ``metrics.json`` and figures to ``out_dir``."""
+    from tqdm import tqdm
+
+    from .crf import CRFRunner
+
+    ctx = D.current()
+    idx = list(range(ctx.rank, len(dataset), ctx.world_size))
+    loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=_collate, num_workers=num_workers)
+    plain = UnsupervisedMetrics(num_classes)
+    refined = UnsupervisedMetrics(num_classes) if crf else None
+    keep: dict[str, list] = {"images": [], "gts": [], "preds": [], "crf": []}
+    crf_seconds = 0.0
+    n_images = 0
+    runner = CRFRunner(workers=crf_workers, timeout=crf_timeout) if crf else None
+    t0 = time.perf_counter()
+    try:
+        for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not (progress and ctx.is_main)):
+            images, labels = batch["image"], batch["label"]
+            scores = predictor.scores(images)
+            pred = scores.argmax(1).cpu()
+            plain.update(pred, labels)
+            crf_pred = None
+            if runner is not None:
+                t = time.perf_counter()
+                out = runner.run(list(to_uint8(images)), list(scores.float().softmax(1).cpu().numpy()))
+                crf_seconds += time.perf_counter() - t
+                crf_pred = torch.from_numpy(np.stack([o.argmax(0) for o in out])).long()
+                refined.update(crf_pred, labels)
+            n_images += len(images)
+            if len(keep["images"]) < figures:
+                take = figures - len(keep["images"])
+                keep["images"] += list(to_uint8(images[:take]))
+                keep["gts"] += list(labels[:take].numpy())
+                keep["preds"] += list(pred[:take].numpy())
+                if crf_pred is not None:
+                    keep["crf"] += list(crf_pred[:take].numpy())
+    finally:
+        if runner is not None and hasattr(runner, "close"):
+            runner.close()
+    # the confusion of the whole split, then one Hungarian matching
+    for m in (plain, refined):
+        if m is not None:
+            D.all_reduce_sum(m.confusion)
+    total_images = torch.tensor([n_images])
+    D.all_reduce_sum(total_images)
+    res: dict[str, Any] = {"num_images": int(total_images.item()), "num_classes": num_classes,
+                           "protocol": "Hungarian matching on the dataset-level confusion matrix (one-to-one)",
+                           "flip_tta": predictor.flip, "alpha": predictor.alpha,
+                           "seconds": time.perf_counter() - t0}
+    res["no_crf"] = plain.compute()
+    if refined is not None:
+        res["crf"] = refined.compute()
+        res["crf_seconds_per_image"] = crf_seconds / max(n_images, 1)
+    if out_dir is not None and ctx.is_main:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(_jsonable(res), out_dir / "metrics.json")
+        _figures(out_dir / "figures", keep, res, class_names, num_classes)
+    return res
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.ndarray, torch.Tensor)):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (np.floating, float)):
+        return None if not np.isfinite(obj) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _figures(fig_dir: Path, keep: dict, res: dict, class_names, num_classes: int) -> None:
+    from .figures import save_confusion, save_iou_bars, save_prediction_grid
+
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    best = res.get("crf", res["no_crf"])
+    mapping = np.asarray(best["mapping"]) if "mapping" in best else np.arange(num_classes)
+    names = class_names or [f"class {i}" for i in range(num_classes)]
+    if keep["images"]:
+        preds = [mapping[p] for p in (keep["crf"] or keep["preds"])]
+        save_prediction_grid(fig_dir / "predictions.png", keep["images"], preds, keep["gts"])
+    if "per_class_iou" in best:
+        save_iou_bars(fig_dir / "iou.png", best["per_class_iou"], names)
+    if "confusion" in best:
+        save_confusion(fig_dir / "confusion.png", np.asarray(best["confusion"]), names)
+    (fig_dir / "README.txt").write_text(json.dumps({"figures": sorted(p.name for p in fig_dir.glob("*.png"))}))

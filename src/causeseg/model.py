@@ -1,0 +1,122 @@
+"""The trained CAUSE model: backbone + clusterbook + (EMA) head + class centroids, self-contained.
+
+A ``model.pt`` file holds everything needed to segment images except the backbone's weights
+(those are large, public, and loaded by path or from the package): the backbone name and
+options, the clusterbook, the head's kind, shape and weights, the centroids and the resolved
+configuration. Loading is strict: a file that does not fit raises an error that lists the
+missing and unexpected keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .contrastive import assign_concepts
+from .heads import MLPHead, TRHead
+
+FORMAT = "causeseg-model-v1"
+
+
+def build_head(kind: str, in_dim: int, out_dim: int, *, num_queries: int | None = None, ffn_dim: int = 2048,
+               dropout: float = 0.1, extra_residual: bool = True) -> nn.Module:
+    if kind == "mlp":
+        return MLPHead(in_dim, out_dim, dropout=dropout)
+    if kind == "tr":
+        if not num_queries:
+            raise ValueError("the TR head needs num_queries (tokens per training crop)")
+        return TRHead(in_dim, out_dim, num_queries=num_queries, ffn_dim=ffn_dim, dropout=dropout,
+                      extra_residual=extra_residual)
+    raise ValueError(f"unknown head '{kind}' (mlp or tr)")
+
+
+def tokens(feats: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) feature map -> (B, h*w, C) tokens (row-major)."""
+    return feats.flatten(2).transpose(1, 2)
+
+
+def run_head(head: nn.Module, t: torch.Tensor, codebook: torch.Tensor, grid: tuple[int, int],
+             concepts: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply an MLP or TR head to tokens ``t`` (B, N, c); the TR head needs the codebook."""
+    if isinstance(head, TRHead):
+        if concepts is None:
+            concepts = assign_concepts(t, codebook)
+        return head(t, codebook, concepts=concepts, grid=grid)
+    return head(t)
+
+
+class CauseModel(nn.Module):
+    """Inference model. ``embed`` gives the head's r-d output map; ``cosine`` the class scores."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, codebook: torch.Tensor, centroids: torch.Tensor,
+                 meta: dict[str, Any] | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.register_buffer("codebook", codebook.detach().clone().float())
+        self.register_buffer("centroids", centroids.detach().clone().float())
+        self.meta = dict(meta or {})
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B,3,H,W) in [0,1] -> head output (B, r, h, w) in fp32."""
+        feats = self.backbone(images).float()
+        b, _, h, w = feats.shape
+        y = run_head(self.head, tokens(feats), self.codebook, (h, w))
+        return y.float().transpose(1, 2).reshape(b, -1, h, w)
+
+    def cosine(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, r, H, W) -> (B, C, H, W) cosine similarity to the centroids."""
+        return torch.einsum("brhw,cr->bchw", F.normalize(y, dim=1), F.normalize(self.centroids, dim=1))
+
+    # -- persistence ------------------------------------------------------------------------
+    def save(self, path: str | Path, config: dict | None = None) -> None:
+        from .utils import atomic_torch_save
+
+        atomic_torch_save(
+            {
+                "format": FORMAT,
+                "meta": self.meta,
+                "config": config,
+                "head": self.head.state_dict(),
+                "codebook": self.codebook.cpu(),
+                "centroids": self.centroids.cpu(),
+            },
+            path,
+        )
+
+    @classmethod
+    def load(cls, path: str | Path, *, backbone_weights: str | None = None, device: str | torch.device = "cpu",
+             backbone: nn.Module | None = None) -> "CauseModel":
+        from .backbones import build_backbone
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"model file not found: {path}")
+        obj = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ValueError(f"{path}: not a causeseg model file (expected format '{FORMAT}')")
+        meta = obj["meta"]
+        if backbone is None:
+            bb = meta["backbone"]
+            weights = backbone_weights or bb.get("weights")
+            backbone = build_backbone(bb["name"], weights=weights, pretrained=bb.get("pretrained", True),
+                                      **bb.get("options", {}))
+        h = meta["head"]
+        head = build_head(h["kind"], h["in_dim"], h["out_dim"], num_queries=h.get("num_queries"),
+                          ffn_dim=h.get("ffn_dim", 2048), dropout=h.get("dropout", 0.1),
+                          extra_residual=h.get("extra_residual", True))
+        from .backbones.checkpoint import load_state_dict_strict
+
+        load_state_dict_strict(head, obj["head"], str(path))
+        model = cls(backbone, head, obj["codebook"], obj["centroids"], meta)
+        model.config = obj.get("config")
+        return model.to(device).eval()

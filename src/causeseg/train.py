@@ -1,0 +1,392 @@
+"""Steps 1-3 of CAUSE: clusterbook, head, centroids. Label-free, resumable, data-parallel ready.
+
+Nothing in this module reads a label: every dataset is built with ``with_labels=False``.
+Each step writes an artifact under ``<run>/artifacts`` and is skipped when that artifact exists
+(delete it, or use ``--force``, to retrain); its in-progress state lives in
+``<run>/checkpoints/<step>.pt`` and is resumed automatically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distributed as D
+from .bank import ConceptBank
+from .centroids import CentroidLearner
+from .clusterbook import Clusterbook, Codebook, discretise
+from .config import Config, save_config
+from .contrastive import assign_concepts, concept_contrastive_loss, concept_distance
+from .features import FeatureSource, autocast_context
+from .heads import ProjectionHead, ema_update, make_teacher
+from .loop import LoopSpec, run_loop
+from .model import CauseModel, build_head, run_head, tokens
+from .modularity import gather_tokens, modularity_objective
+from .sampling import per_sample_grid
+from .utils import atomic_write_json, resolve_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks from the configuration
+# ---------------------------------------------------------------------------------------------
+def build_backbone_from_config(cfg: Config, device: torch.device):
+    from .backbones import build_backbone
+
+    bb = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, download=cfg.backbone.download,
+                        **cfg.backbone.options)
+    return bb.to(device).eval()
+
+
+def _data_root(cfg: Config) -> str:
+    if cfg.data.root:
+        return cfg.data.root
+    from .data.root import data_root
+
+    root = data_root(required=True)
+    if cfg.data.dataset == "camvid":
+        return str(root / "camvid")
+    return str(root)
+
+
+def build_split(cfg: Config, split: str, resolution: int, *, with_labels: bool, crop: str | None = None):
+    """A dataset of the configured kind; training callers always pass ``with_labels=False``."""
+    from .data.datasets import build_dataset
+
+    name = cfg.data.dataset
+    root = _data_root(cfg)
+    kwargs: dict[str, Any] = dict(resolution=resolution, crop=crop if crop is not None else "none",
+                                  mode=cfg.data.mode, with_labels=with_labels, on_error=cfg.data.on_error)
+    if name == "camvid" and not (Path(root) / "CamVid").exists():
+        # the shared layout (camvid/<split>/images + masks) is a paired folder
+        name, root = "paired", str(Path(root) / split)
+        kwargs["label_spec"] = cfg.data.label_spec or "camvid11"
+    elif name == "paired":
+        root = str(Path(root) / split) if (Path(root) / split).is_dir() else root
+        kwargs["label_spec"] = cfg.data.label_spec
+    return build_dataset(name, root, split=split, **kwargs)
+
+
+def _source(cfg: Config, backbone, resolution: int, run_dir: Path, device, ctx: D.DistContext) -> FeatureSource:
+    ds = build_split(cfg, cfg.data.train_split, resolution, with_labels=False, crop=cfg.data.crop)
+    sig = json.dumps([cfg.backbone.name, cfg.backbone.weights, cfg.backbone.options, cfg.data.dataset,
+                      cfg.data.root, cfg.data.train_split, cfg.data.crop, cfg.data.mode, resolution], sort_keys=True)
+    return FeatureSource(backbone, ds, device=device, amp=cfg.run.amp,
+                         cache_dir=run_dir / "cache",
+                         cache=cfg.run.feature_cache, cache_limit_gb=cfg.run.cache_limit_gb,
+                         num_workers=cfg.data.num_workers, progress=cfg.run.progress and ctx.is_main, signature=sig)
+
+
+def _lr(base: float, cfg: Config, ctx: D.DistContext) -> float:
+    return base * ctx.world_size if cfg.run.lr_scaling == "linear" else base
+
+
+class _ModuleState:
+    """Adapter giving a (module, optimiser, bank, generator) set a single state_dict."""
+
+    def __init__(self, **objs):
+        self.objs = objs
+
+    def state_dict(self) -> dict:
+        out = {}
+        for k, v in self.objs.items():
+            out[k] = v.get_state() if isinstance(v, torch.Generator) else v.state_dict()
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in self.objs.items():
+            if isinstance(v, torch.Generator):
+                v.set_state(state[k])
+            else:
+                v.load_state_dict(state[k])
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 1
+# ---------------------------------------------------------------------------------------------
+def train_step1(cfg: Config, backbone, run_dir: Path, device, ctx: D.DistContext, stop_after: int | None = None,
+                source: FeatureSource | None = None) -> Clusterbook:
+    s = cfg.step1
+    out = run_dir / "artifacts" / "clusterbook.pt"
+    if out.exists():
+        log.info("step 1: clusterbook exists (%s), skipping", out)
+        return Clusterbook.load(out)
+    source = source or _source(cfg, backbone, s.resolution, run_dir, device, ctx)
+    c = source.feature_shape[0]
+    meta = {"backbone": cfg.backbone.name, "dataset": cfg.data.dataset, "k": s.k, "method": s.method,
+            "variant": s.variant, "tau": s.tau, "dim": c}
+    if s.method != "modularity":
+        toks = []
+        n_per = max(1, s.max_samples // max(source.n, 1))
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        for _, feats, _ in source.batches(s.batch_size, 0, cfg.run.seed, shuffle=False):
+            t = tokens(feats).reshape(-1, c)
+            toks.append(t[torch.randperm(len(t), generator=g)[: n_per * feats.shape[0]]].cpu())
+        protos = discretise(torch.cat(toks), s.k, s.method, seed=cfg.run.seed)
+        book = Clusterbook(protos, meta)
+    else:
+        gen = torch.Generator().manual_seed(cfg.run.seed)
+        codebook = Codebook(s.k, c, generator=gen).to(device)
+        opt = torch.optim.Adam(codebook.parameters(), lr=_lr(s.lr, cfg, ctx))
+        h, w = source.feature_shape[1:]
+
+        def step(feats, idx, epoch):
+            x = gather_tokens(tokens(feats), per_sample_grid(idx, h, w, s.grid, seed=cfg.run.seed, stage="step1",
+                                                             epoch=epoch, device=device))
+            loss = -modularity_objective(x.float(), codebook.weight, tau=s.tau, variant=s.variant).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            D.average_gradients(codebook.parameters())
+            opt.step()
+            return {"loss": loss.item()}
+
+        spec = LoopSpec("step1", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step1.pt",
+                        cfg.run.checkpoint_every, cfg.run.progress, ctx)
+        summary = run_loop(spec, step, {"step1": _ModuleState(codebook=codebook, opt=opt)}, stop_after=stop_after)
+        meta["summary"] = summary
+        book = Clusterbook(codebook.weight.detach().cpu(), meta)
+    if ctx.is_main:
+        book.save(out)
+    D.barrier()
+    return book
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 2
+# ---------------------------------------------------------------------------------------------
+class Student(nn.Module):
+    """Head + projection head, the parameters trained in Step 2."""
+
+    def __init__(self, head: nn.Module, projection: nn.Module | None):
+        super().__init__()
+        self.head = head
+        self.projection = projection if projection is not None else nn.Identity()
+
+
+def head_meta(cfg: Config, in_dim: int, num_queries: int | None) -> dict:
+    s = cfg.step2
+    return {"kind": s.head, "in_dim": in_dim, "out_dim": s.reduced_dim, "num_queries": num_queries,
+            "ffn_dim": s.ffn_dim, "dropout": s.dropout, "extra_residual": s.extra_residual}
+
+
+def build_student(cfg: Config, in_dim: int, num_queries: int | None) -> Student:
+    s = cfg.step2
+    m = head_meta(cfg, in_dim, num_queries)
+    head = build_head(m["kind"], in_dim, s.reduced_dim, num_queries=num_queries if s.head == "tr" else None,
+                      ffn_dim=s.ffn_dim, dropout=s.dropout, extra_residual=s.extra_residual)
+    proj = ProjectionHead(s.reduced_dim, s.projection_dim) if s.feature_space == "projection" else None
+    return Student(head, proj)
+
+
+def step2_update(
+    cfg: Config, student: Student, teacher: Student, bank: ConceptBank | None, codebook: torch.Tensor,
+    d_m: torch.Tensor, feats: torch.Tensor, idx: torch.Tensor, epoch: int, opt: torch.optim.Optimizer,
+    bank_gen: torch.Generator, device, scaler=None,
+) -> dict[str, float]:
+    """One Step-2 iteration: heads, anchors, concept-wise contrastive loss, update, EMA, bank."""
+    s = cfg.step2
+    b, c, h, w = feats.shape
+    t = tokens(feats)
+    q = assign_concepts(t, codebook)  # (B, N) concept of every token (on backbone features)
+    grid = per_sample_grid(idx, h, w, s.grid, seed=cfg.run.seed, stage="step2", epoch=epoch, device=device)
+    qs = torch.gather(q, 1, grid)
+    student.train()
+    teacher.train()  # official: the teacher runs with dropout active
+    with autocast_context(device, cfg.run.amp):
+        if s.head == "tr":  # the decoder needs the whole grid; sample afterwards
+            ys = gather_tokens(run_head(student.head, t, codebook, (h, w), q), grid)
+            with torch.no_grad():
+                yt = gather_tokens(run_head(teacher.head, t, codebook, (h, w), q), grid)
+        else:  # per-token MLP: sample first (equivalent, cheaper)
+            ts = gather_tokens(t, grid)
+            ys = student.head(ts)
+            with torch.no_grad():
+                yt = teacher.head(ts)
+        a = student.projection(ys)
+        with torch.no_grad():
+            z = teacher.projection(yt)
+    a, z = a.float(), z.float()
+    z_all = D.all_gather_cat(z)  # the in-batch candidates are the global batch's teacher features
+    q_all = D.all_gather_cat(qs)
+    ctx = D.current()
+    kwargs = {}
+    if ctx.enabled:
+        kwargs["anchor_offset"] = ctx.rank * b
+    loss, stats = concept_contrastive_loss(
+        a, z_all, qs, q_all, d_m,
+        bank=bank.feats if (bank is not None and s.use_bank) else None,
+        bank_valid=bank.valid_mask() if (bank is not None and s.use_bank) else None,
+        tau=s.tau, phi_pos=s.phi_pos, phi_neg=s.phi_neg, form=s.loss_form, chunk_size=s.loss_chunk, **kwargs,
+    )
+    opt.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+    else:
+        loss.backward()
+    D.average_gradients(student.parameters())
+    if s.grad_clip and s.grad_clip > 0:  # covers the unsupervised head only
+        torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    ema_update(teacher, student, s.ema)
+    if bank is not None and s.use_bank:
+        bank.update(q_all.reshape(-1), z_all.reshape(-1, z_all.shape[-1]).to(bank.feats.dtype), generator=bank_gen)
+    out = {"loss": float(loss.item())}
+    out.update({k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) or torch.is_tensor(v)})
+    return out
+
+
+def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device, ctx: D.DistContext,
+                stop_after: int | None = None, source: FeatureSource | None = None) -> tuple[Student, dict]:
+    s = cfg.step2
+    out = run_dir / "artifacts" / "head.pt"
+    source = source or _source(cfg, backbone, s.resolution, run_dir, device, ctx)
+    c, h, w = source.feature_shape
+    nq = h * w if s.head == "tr" else None
+    if out.exists():
+        obj = torch.load(out, map_location="cpu", weights_only=False)
+        teacher = build_student(cfg, c, nq)
+        teacher.load_state_dict(obj["teacher"])
+        log.info("step 2: head exists (%s), skipping", out)
+        return teacher.to(device), obj["meta"]
+    torch.manual_seed(cfg.run.seed)  # head init is identical on all ranks (same seed)...
+    student = build_student(cfg, c, nq).to(device)
+    teacher = make_teacher(student)
+    torch.manual_seed(cfg.run.seed + 7919 * (ctx.rank + 1))  # ...dropout masks differ per rank
+    codebook = book.prototypes.to(device)
+    d_m = concept_distance(codebook)
+    dim = s.projection_dim if s.feature_space == "projection" else s.reduced_dim
+    bank = ConceptBank(book.k, s.bank_size, dim, policy=s.bank_policy).to(device) if s.use_bank else None
+    bank_gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 12345)  # same on every rank
+    opt = torch.optim.Adam(student.parameters(), lr=_lr(s.lr, cfg, ctx), weight_decay=s.weight_decay)
+    scaler = None
+    if device.type == "cuda" and cfg.run.amp in ("fp16",) or (
+        device.type == "cuda" and cfg.run.amp == "auto" and not torch.cuda.is_bf16_supported()
+    ):
+        scaler = torch.amp.GradScaler("cuda")
+
+    def step(feats, idx, epoch):
+        return step2_update(cfg, student, teacher, bank, codebook, d_m, feats, idx, epoch, opt, bank_gen, device,
+                            scaler)
+
+    objs: dict[str, Any] = dict(student=student, teacher=teacher, opt=opt, bank_gen=bank_gen)
+    if bank is not None:
+        objs["bank"] = bank
+    spec = LoopSpec("step2", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step2.pt",
+                    cfg.run.checkpoint_every, cfg.run.progress, ctx)
+    summary = run_loop(spec, step, {"step2": _ModuleState(**objs)}, stop_after=stop_after)
+    meta = head_meta(cfg, c, nq)
+    meta["summary"] = summary
+    if ctx.is_main:
+        from .utils import atomic_torch_save
+
+        atomic_torch_save({"teacher": teacher.state_dict(), "meta": meta}, out)
+    D.barrier()
+    return teacher, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Step 3
+# ---------------------------------------------------------------------------------------------
+def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_dir: Path, device,
+                ctx: D.DistContext, stop_after: int | None = None, source: FeatureSource | None = None) -> torch.Tensor:
+    s = cfg.step3
+    out = run_dir / "artifacts" / "centroids.pt"
+    if out.exists():
+        log.info("step 3: centroids exist (%s), skipping", out)
+        return torch.load(out, map_location="cpu", weights_only=True)["centroids"]
+    source = source or _source(cfg, backbone, s.resolution, run_dir, device, ctx)
+    h, w = source.feature_shape[1:]
+    gen = torch.Generator().manual_seed(cfg.run.seed + 3)
+    learner = CentroidLearner(cfg.data.num_classes, cfg.step2.reduced_dim, s.learner, s.tau, generator=gen).to(device)
+    lr = s.lr if s.learner == "modularity" else 5e-3
+    opt = torch.optim.Adam(learner.parameters(), lr=_lr(lr, cfg, ctx))
+    codebook = book.prototypes.to(device)
+    teacher.requires_grad_(False)
+    torch.manual_seed(cfg.run.seed + 31 + 7919 * ctx.rank)
+
+    def step(feats, idx, epoch):
+        teacher.train(s.dropout_active)
+        with torch.no_grad(), autocast_context(device, cfg.run.amp):
+            y = run_head(teacher.head, tokens(feats), codebook, (h, w))
+        grid = per_sample_grid(idx, h, w, s.grid, seed=cfg.run.seed, stage="step3", epoch=epoch, device=device)
+        loss = learner.loss(gather_tokens(y.float(), grid).detach())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        D.average_gradients(learner.parameters())
+        opt.step()
+        return {"loss": loss.item()}
+
+    spec = LoopSpec("step3", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step3.pt",
+                    cfg.run.checkpoint_every, cfg.run.progress, ctx)
+    summary = run_loop(spec, step, {"step3": _ModuleState(learner=learner, opt=opt)}, stop_after=stop_after)
+    centroids = learner.weight.detach().cpu()
+    if ctx.is_main:
+        from .utils import atomic_torch_save
+
+        atomic_torch_save({"centroids": centroids, "summary": summary, "learner": s.learner}, out)
+    D.barrier()
+    return centroids
+
+
+# ---------------------------------------------------------------------------------------------
+# all steps
+# ---------------------------------------------------------------------------------------------
+def train_all(cfg: Config, run_dir: str | Path, *, stop_after: dict[str, int] | None = None,
+              force: bool = False) -> Path:
+    """Run Steps 1-3 into ``run_dir`` and write the self-contained ``model.pt``. Returns its path."""
+    run_dir = Path(run_dir)
+    ctx = D.init_distributed(cfg.run.device)
+    device = resolve_device(cfg.run.device)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)
+    if ctx.is_main:
+        (run_dir / "artifacts").mkdir(parents=True, exist_ok=True)
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+        if force:
+            for name in ("clusterbook.pt", "head.pt", "centroids.pt"):
+                (run_dir / "artifacts" / name).unlink(missing_ok=True)
+            for name in ("step1.pt", "step2.pt", "step3.pt"):
+                (run_dir / "checkpoints" / name).unlink(missing_ok=True)
+    D.barrier()
+    seed_everything(cfg.run.seed)
+    stop_after = stop_after or {}
+    backbone = build_backbone_from_config(cfg, device)
+    sources: dict[int, FeatureSource] = {}
+
+    def source(res: int) -> FeatureSource:
+        if res not in sources:
+            sources[res] = _source(cfg, backbone, res, run_dir, device, ctx)
+        return sources[res]
+
+    book = train_step1(cfg, backbone, run_dir, device, ctx, stop_after.get("step1"), source(cfg.step1.resolution))
+    teacher, meta = train_step2(cfg, backbone, book, run_dir, device, ctx, stop_after.get("step2"),
+                                source(cfg.step2.resolution))
+    centroids = train_step3(cfg, backbone, book, teacher, run_dir, device, ctx, stop_after.get("step3"),
+                            source(cfg.step3.resolution))
+    model_path = run_dir / "model.pt"
+    if ctx.is_main:
+        bb_meta = {"name": cfg.backbone.name, "weights": cfg.backbone.weights, "options": cfg.backbone.options,
+                   "pretrained": True}
+        model = CauseModel(backbone, teacher.head, book.prototypes, centroids,
+                           {"backbone": bb_meta, "head": {k: v for k, v in meta.items() if k != "summary"},
+                            "num_classes": cfg.data.num_classes, "train_resolution": cfg.step2.resolution,
+                            "eval_resolution": cfg.eval.resolution})
+        model.save(model_path, cfg.to_dict())
+        summary = {"step2": meta.get("summary"), "clusterbook": book.meta.get("summary")}
+        atomic_write_json(summary, run_dir / "train_summary.json")
+    D.barrier()
+    return model_path
