@@ -67,35 +67,36 @@ def test_hand_computed_scores():
     s = segmentation_scores(H, mapping)
     # class 0: TP 5, FP 1, FN 1; class 1: TP 7, FP 2, FN 3; class 2: TP 8, FP 2, FN 1
     expected_iou = [5 / 7, 7 / 12, 8 / 11]
-    np.testing.assert_allclose(s["iou"], expected_iou)
+    np.testing.assert_allclose(s["per_class_iou"], expected_iou)
     assert s["miou"] == pytest.approx(sum(expected_iou) / 3)
     assert s["pacc"] == pytest.approx(20 / 25)
-    np.testing.assert_allclose(s["precision"], [5 / 6, 7 / 9, 8 / 10])
+    np.testing.assert_allclose(s["per_class_precision"], [5 / 6, 7 / 9, 8 / 10])
     assert s["mean_precision"] == pytest.approx((5 / 6 + 7 / 9 + 8 / 10) / 3)
     assert s["num_pixels"] == 25
     assert s["mapping"] == [2, 0, 1]
+    assert s["confusion"] == [[5, 1, 0], [1, 7, 1], [0, 2, 8]]
 
 
 def test_nan_class_excluded_from_miou():
     # class 2 never occurs and is never predicted -> IoU NaN, excluded from the mean
     conf = np.array([[4, 1, 0], [2, 3, 0], [0, 0, 0]])
     s = segmentation_scores(conf, None)
-    assert math.isnan(s["iou"][2])
-    assert s["iou"][0] == pytest.approx(4 / 7)  # TP 4, FP 1, FN 2
-    assert s["iou"][1] == pytest.approx(3 / 6)  # TP 3, FP 2, FN 1
+    assert math.isnan(s["per_class_iou"][2])
+    assert s["per_class_iou"][0] == pytest.approx(4 / 7)  # TP 4, FP 1, FN 2
+    assert s["per_class_iou"][1] == pytest.approx(3 / 6)  # TP 3, FP 2, FN 1
     assert s["miou"] == pytest.approx((4 / 7 + 3 / 6) / 2)
     assert s["pacc"] == pytest.approx(7 / 10)
     # a class that occurs but is never predicted has IoU 0 (not NaN) and counts in the mean
     conf2 = np.array([[4, 1, 2], [2, 3, 0], [0, 0, 0]])
     s2 = segmentation_scores(conf2, None)
-    assert s2["iou"][2] == 0.0
+    assert s2["per_class_iou"][2] == 0.0
     # class 0: TP 4, FP 3, FN 2; class 1: TP 3, FP 2, FN 1
     assert s2["miou"] == pytest.approx((4 / 9 + 3 / 6 + 0) / 3)
     # empty confusion: everything NaN, still JSON-serialisable
     s3 = segmentation_scores(np.zeros((2, 2), dtype=np.int64), None)
     assert math.isnan(s3["miou"]) and math.isnan(s3["pacc"])
     js = json.loads(json.dumps(to_json(s3), allow_nan=False))
-    assert js["miou"] is None and js["iou"] == [None, None]
+    assert js["miou"] is None and js["per_class_iou"] == [None, None]
 
 
 @pytest.mark.parametrize("c", [1, 2, 3, 4, 5, 6])
@@ -125,7 +126,7 @@ def test_hungarian_refuses_overclustering_and_majority_is_many_to_one():
     np.testing.assert_array_equal(m, [0, 0, 1, -1])
     s = segmentation_scores(conf, m)
     # class 0: TP 17, FP 1, FN 0; class 1: TP 5, FP 0, FN 1
-    np.testing.assert_allclose(s["iou"], [17 / 18, 5 / 6])
+    np.testing.assert_allclose(s["per_class_iou"], [17 / 18, 5 / 6])
     assert s["pacc"] == pytest.approx(22 / 23)
     with pytest.raises(ValueError, match="majority"):
         UnsupervisedMetrics(2, 4)
@@ -139,8 +140,8 @@ def test_unmapped_cluster_counts_as_false_negative():
     mapping = hungarian_match(conf)
     np.testing.assert_array_equal(mapping, [0, 1])
     s = segmentation_scores(conf, mapping)
-    assert s["iou"][2] == 0.0  # class 2 has 1 pixel, never predicted
-    assert s["iou"][0] == pytest.approx(5 / 6)
+    assert s["per_class_iou"][2] == 0.0  # class 2 has 1 pixel, never predicted
+    assert s["per_class_iou"][0] == pytest.approx(5 / 6)
 
 
 def test_remap_predictions_numpy_and_torch():
@@ -181,6 +182,8 @@ def test_accumulator_split_merge_state_dict_reset():
     assert sa["miou"] == sw["miou"] and sa["mapping"] == sw["mapping"]
     expected = segmentation_scores(whole.confusion, hungarian_match(whole.confusion))
     assert sw["miou"] == expected["miou"] and sw["pacc"] == expected["pacc"]
+    assert sw["cluster_confusion"] == whole.confusion.tolist()
+    assert sw["confusion"] == mapped_confusion(whole.confusion, np.array(sw["mapping"])).tolist()
     c = UnsupervisedMetrics(4)
     c.load_state_dict(a.state_dict())
     torch.testing.assert_close(c.confusion, a.confusion)

@@ -188,8 +188,10 @@ def segmentation_scores(conf: torch.Tensor | np.ndarray, mapping: np.ndarray | N
         mapping: cluster → class (length K, -1 = unmapped); ``None`` = identity.
 
     Returns:
-        dict with lists ``iou``, ``precision`` (floats, NaN allowed), floats ``miou``, ``pacc``,
-        ``mean_precision``, int ``num_pixels`` and list ``mapping``. Use :func:`to_json` before ``json.dump``.
+        dict with lists ``per_class_iou``, ``per_class_precision`` (floats, NaN allowed), floats ``miou``,
+        ``pacc``, ``mean_precision``, int ``num_pixels``, list ``mapping`` and ``confusion``: the (C, C)
+        confusion *after* mapping (rows = predicted class, columns = ground-truth class) as nested lists.
+        Use :func:`to_json` before ``json.dump``.
     """
     raw = _as_numpy_conf(conf).astype(np.int64)
     total = int(raw.sum())
@@ -207,13 +209,14 @@ def segmentation_scores(conf: torch.Tensor | np.ndarray, mapping: np.ndarray | N
     else:
         mapping_out = [int(v) for v in np.asarray(mapping)]
     return {
-        "iou": [float(v) for v in iou],
-        "precision": [float(v) for v in prec],
+        "per_class_iou": [float(v) for v in iou],
+        "per_class_precision": [float(v) for v in prec],
         "miou": _nanmean(iou),
         "pacc": float(tp.sum() / total) if total > 0 else float("nan"),
         "mean_precision": _nanmean(prec),
         "num_pixels": total,
         "mapping": mapping_out,
+        "confusion": m.tolist(),
     }
 
 
@@ -285,11 +288,13 @@ class UnsupervisedMetrics:
         return majority_match(self.confusion)
 
     def compute(self) -> dict[str, Any]:
-        """Scores (see :func:`segmentation_scores`) plus ``matching`` and ``num_clusters``."""
+        """Scores (see :func:`segmentation_scores`) plus ``matching``, ``num_clusters`` and
+        ``cluster_confusion`` (the raw (K, C) cluster × class confusion the matching was computed on)."""
         mapping = self.match()
         out = segmentation_scores(self.confusion, mapping)
         out["matching"] = self.matching
         out["num_clusters"] = self.num_clusters
+        out["cluster_confusion"] = self.confusion.detach().cpu().tolist()
         return out
 
     def state_dict(self) -> dict[str, Any]:
