@@ -345,11 +345,29 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not hasattr(args, "verbose"):
         args.verbose = False
+    from .config import ConfigError
+
+    known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+    try:
+        from .data.io import DataError
+
+        known += (DataError,)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from .backbones.checkpoint import CheckpointError
+
+        known += (CheckpointError,)
+    except ImportError:  # pragma: no cover
+        pass
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted: checkpoints are on disk; run the same command again to resume", file=sys.stderr)
         return 130
+    except known as exc:
+        print(f"causeseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -75,13 +75,17 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
                 if crf_pred is not None:
                     keep["crf"] += list(crf_pred[:take].numpy())
     finally:
-        if runner is not None and hasattr(runner, "close"):
+        if runner is not None:
+            crf_timeouts = int(getattr(runner, "num_timeouts", 0))
             runner.close()
     # the confusion of the whole split, then one Hungarian matching
+    reduce_device = predictor.device if predictor.device.type == "cuda" else torch.device("cpu")
     for m in (plain, refined):
-        if m is not None:
-            D.all_reduce_sum(m.confusion)
-    total_images = torch.tensor([n_images])
+        if m is not None and ctx.enabled:
+            m.confusion = m.confusion.to(reduce_device)  # NCCL reduces CUDA tensors only
+            m.all_reduce()
+            m.confusion = m.confusion.cpu()
+    total_images = torch.tensor([n_images], device=reduce_device)
     D.all_reduce_sum(total_images)
     res: dict[str, Any] = {"num_images": int(total_images.item()), "num_classes": num_classes,
                            "protocol": "Hungarian matching on the dataset-level confusion matrix (one-to-one)",
@@ -91,6 +95,7 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
     if refined is not None:
         res["crf"] = refined.compute()
         res["crf_seconds_per_image"] = crf_seconds / max(n_images, 1)
+        res["crf_timeouts"] = crf_timeouts
     if out_dir is not None and ctx.is_main:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,148 @@
+"""Quality benchmark: CAUSE-MLP and CAUSE-TR against the field's k-means baseline on CamVid.
+
+Train WITHOUT labels on camvid/train, evaluate on camvid/val (11 classes, 11 = void) with the
+packaged EfficientNet-Lite0 backbone; mean +- std over seeds of mIoU and pixel accuracy, with and
+without CRF. Also transductive sanity checks on the small COCO-Stuff, VOC and Cityscapes sets
+(train and evaluate on the same images; labelled as such).
+
+    python benchmarks/quality.py                  # 3 seeds, with CRF
+    python benchmarks/quality.py --seeds 1 --no-crf --skip-transductive
+
+Data root: CAUSESEG_DATA_ROOT or ../shared/data. Results: benchmarks/results/quality.json; the
+last line printed is one JSON object with the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from causeseg.config import load_config  # noqa: E402
+from causeseg.data.root import data_root  # noqa: E402
+from causeseg.evaluate import evaluate  # noqa: E402
+from causeseg.model import CauseModel, tokens  # noqa: E402
+from causeseg.predict import Predictor  # noqa: E402
+from causeseg.train import build_backbone_from_config, build_split, train_all  # noqa: E402
+from causeseg.utils import seed_everything  # noqa: E402
+
+
+def kmeans_baseline(cfg, seed: int, run_dir: Path) -> CauseModel:
+    """The field's baseline: k-means (C clusters, cosine) on the raw backbone features of train."""
+    from sklearn.cluster import KMeans
+
+    seed_everything(seed)
+    device = torch.device("cpu")
+    backbone = build_backbone_from_config(cfg, device)
+    ds = build_split(cfg, cfg.data.train_split, cfg.eval.resolution, with_labels=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16, collate_fn=lambda b: torch.stack([x["image"] for x in b]))
+    feats = []
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for images in loader:
+            t = tokens(backbone(images)).reshape(-1, backbone.embed_dim if hasattr(backbone, "embed_dim") else -1)
+            feats.append(F.normalize(t[torch.randperm(len(t), generator=g)[:20000 // max(1, len(ds) // 16)]], dim=1))
+    x = torch.cat(feats).numpy()
+    km = KMeans(n_clusters=cfg.data.num_classes, n_init=3, random_state=seed).fit(x)
+    centroids = torch.from_numpy(km.cluster_centers_).float()
+    return CauseModel(backbone, nn.Identity(), torch.zeros(1, x.shape[1]), centroids, {"kind": "kmeans"})
+
+
+def score(model: CauseModel, cfg, split: str, crf: bool, out_dir: Path) -> dict:
+    ds = build_split(cfg, split, cfg.eval.resolution, with_labels=True)
+    pred = Predictor(model, flip=cfg.eval.flip, alpha=cfg.eval.alpha)
+    res = evaluate(pred, ds, num_classes=cfg.data.num_classes, batch_size=16, crf=crf,
+                   crf_workers=cfg.eval.crf_workers, out_dir=out_dir, figures=6, progress=False)
+    out = {"no_crf": {"miou": res["no_crf"]["miou"], "pacc": res["no_crf"]["pacc"]}}
+    if crf:
+        out["crf"] = {"miou": res["crf"]["miou"], "pacc": res["crf"]["pacc"]}
+        out["crf_seconds_per_image"] = res["crf_seconds_per_image"]
+    return out
+
+
+def mean_std(values: list[float]) -> dict:
+    a = np.array(values, dtype=np.float64) * 100
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0, "n": len(a)}
+
+
+def summarise(runs: list[dict], crf: bool) -> dict:
+    out = {}
+    for key in ("no_crf", "crf") if crf else ("no_crf",):
+        out[key] = {m: mean_std([r[key][m] for r in runs]) for m in ("miou", "pacc")}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--no-crf", action="store_true")
+    ap.add_argument("--methods", default="kmeans,cause_mlp,cause_tr")
+    ap.add_argument("--skip-transductive", action="store_true")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for CAUSE runs")
+    ap.add_argument("--work", default=str(ROOT / "runs" / "quality"), help="scratch folder for runs")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    root = data_root()
+    if root is None:
+        sys.exit("shared data not found: set CAUSESEG_DATA_ROOT")
+    crf = not args.no_crf
+    work = Path(args.work)
+    methods = args.methods.split(",")
+    presets = {"cause_mlp": "camvid_effnet_mlp", "cause_tr": "camvid_effnet_tr"}
+    results: dict = {"dataset": "camvid train -> val (11 classes, void ignored)", "backbone": "efficientnet_lite0",
+                     "seeds": args.seeds, "crf": crf, "per_seed": {}, "summary": {}}
+    t0 = time.perf_counter()
+    for method in methods:
+        runs = []
+        for seed in range(args.seeds):
+            run_dir = work / method / f"seed{seed}"
+            if method == "kmeans":
+                cfg = load_config("camvid_effnet_tr", [f"data.root={root / 'camvid'}", f"run.seed={seed}",
+                                                        "run.progress=false"])
+                model = kmeans_baseline(cfg, seed, run_dir)
+            else:
+                cfg = load_config(presets[method], [f"data.root={root / 'camvid'}", f"run.seed={seed}",
+                                                    "run.progress=false", *args.overrides])
+                model = CauseModel.load(train_all(cfg, run_dir))
+            r = score(model, cfg, "val", crf, run_dir / "eval")
+            print(f"{method} seed {seed}: {json.dumps(r)}", flush=True)
+            runs.append(r)
+        results["per_seed"][method] = runs
+        results["summary"][method] = summarise(runs, crf)
+    if not args.skip_transductive:
+        trans = {}
+        for name, preset_ds, classes in (("cocostuff", "cocostuff27", 27), ("voc", "voc", 21),
+                                         ("cityscapes", "cityscapes27", 27)):
+            spec = {"cocostuff": "cocostuff27", "voc": "voc21", "cityscapes": "cityscapes27"}[name]
+            ov = [f"data.root={root / name}", "data.dataset=paired", f"data.label_spec={spec}",
+                  f"data.num_classes={classes}", "data.train_split=.", "data.val_split=.", "run.progress=false",
+                  "step1.k=256", "step2.batch_size=4", "step3.batch_size=4", "step1.batch_size=4"]
+            cfg = load_config("camvid_effnet_tr", ov)
+            model = CauseModel.load(train_all(cfg, work / "transductive" / name))
+            trans[name] = {"note": "TRANSDUCTIVE: trained and evaluated on the same images", "classes": classes,
+                           "cause_tr": score(model, cfg, ".", crf, work / "transductive" / name / "eval")}
+            km = kmeans_baseline(cfg, 0, work / "transductive" / f"{name}-kmeans")
+            trans[name]["kmeans"] = score(km, cfg, ".", crf, work / "transductive" / f"{name}-kmeans" / "eval")
+            print(f"transductive {name}: {json.dumps(trans[name])}", flush=True)
+        results["transductive"] = trans
+    results["seconds"] = time.perf_counter() - t0
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    line = {m: {k: {met: {"mean": v[met]["mean"], "std": v[met]["std"]} for met in v} for k, v in s.items()}
+            for m, s in results["summary"].items()}
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
