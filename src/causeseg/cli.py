@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--backbone", required=True, help="backbone name, e.g. dino_vitb8")
     io.add_argument("--backbone-weights", default=None, help="the backbone checkpoint file")
     io.add_argument("--num-classes", type=int, default=27)
-    io.add_argument("--train-resolution", type=int, default=320)
+    io.add_argument("--train-resolution", type=int, default=None,
+                    help="TR: inferred from the checkpoint; MLP: recorded (official 224)")
     io.add_argument("--out", required=True, help="output model.pt")
     io.set_defaults(func=cmd_import_official)
     return p

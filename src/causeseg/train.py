@@ -52,27 +52,16 @@ def _data_root(cfg: Config) -> str:
     from .data.root import data_root
 
     root = data_root(required=True)
-    if cfg.data.dataset == "camvid":
-        return str(root / "camvid")
-    return str(root)
+    return str(root / "camvid") if cfg.data.dataset == "camvid" else str(root)
 
 
 def build_split(cfg: Config, split: str, resolution: int, *, with_labels: bool, crop: str | None = None):
     """A dataset of the configured kind; training callers always pass ``with_labels=False``."""
     from .data.datasets import build_dataset
 
-    name = cfg.data.dataset
-    root = _data_root(cfg)
-    kwargs: dict[str, Any] = dict(resolution=resolution, crop=crop if crop is not None else "none",
-                                  mode=cfg.data.mode, with_labels=with_labels, on_error=cfg.data.on_error)
-    if name == "camvid" and not (Path(root) / "CamVid").exists():
-        # the shared layout (camvid/<split>/images + masks) is a paired folder
-        name, root = "paired", str(Path(root) / split)
-        kwargs["label_spec"] = cfg.data.label_spec or "camvid11"
-    elif name == "paired":
-        root = str(Path(root) / split) if (Path(root) / split).is_dir() else root
-        kwargs["label_spec"] = cfg.data.label_spec
-    return build_dataset(name, root, split=split, **kwargs)
+    return build_dataset(cfg.data.dataset, _data_root(cfg), split=split, resolution=resolution,
+                         crop=crop if crop is not None else "none", mode=cfg.data.mode, with_labels=with_labels,
+                         label_spec=cfg.data.label_spec, on_error=cfg.data.on_error)
 
 
 def _source(cfg: Config, backbone, resolution: int, run_dir: Path, device, ctx: D.DistContext) -> FeatureSource:
