@@ -215,13 +215,13 @@ def step2_update(
         bank_valid=bank.valid_mask() if (bank is not None and s.use_bank) else None,
         tau=s.tau, phi_pos=s.phi_pos, phi_neg=s.phi_neg, form=s.loss_form, chunk_size=s.loss_chunk, **kwargs,
     )
+    # distributed: weight so the averaged gradient is that of the global mean over all ranks' terms
+    objective = loss * D.global_mean_factor(stats["terms_used"]) if ctx.enabled else loss
     opt.zero_grad(set_to_none=True)
+    (scaler.scale(objective) if scaler is not None else objective).backward()
+    D.average_gradients(student.parameters())  # before unscale_: all ranks see the same inf/NaN
     if scaler is not None:
-        scaler.scale(loss).backward()
         scaler.unscale_(opt)
-    else:
-        loss.backward()
-    D.average_gradients(student.parameters())
     if s.grad_clip and s.grad_clip > 0:  # covers the unsupervised head only
         torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
     if scaler is not None:
