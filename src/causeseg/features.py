@@ -3,7 +3,8 @@
 Training (Steps 1-3) applies no stochastic augmentation before the backbone, so caching its
 features is exact (up to fp16 storage). ``FeatureSource.batches`` yields feature maps in a
 seeded per-epoch order that is independent of the number of processes, which makes resuming
-(also with another number of processes) exact.
+(also with another number of processes) exact: a position in an epoch is a *sample offset* into
+that order, which means the same for any number of processes.
 """
 
 from __future__ import annotations
@@ -129,50 +130,75 @@ class FeatureSource:
         )
 
     def _build_cache(self, cache_dir: Path, signature: str) -> None:
-        from .distributed import barrier, current
+        """Map the cache, extracting it first (data-parallel over all ranks) if it does not exist.
 
+        Every rank extracts its share of each global chunk; the chunks are all-gathered and rank 0
+        alone writes the file (atomically, through a temporary name). The other ranks map it
+        after a barrier, which is why the cache directory must be shared by all ranks
+        (:func:`~causeseg.distributed.check_shared_dir` raises a clear error otherwise).
+        """
+        from .distributed import barrier, broadcast_object, check_shared_dir, current
+
+        ctx = current()
         path, meta = self._cache_paths(cache_dir, signature)
-        if not current().is_main:  # rank 0 writes the cache, the others map it
-            barrier()
-            self._cache = np.load(path, mmap_mode="r")
-            return
-        self._write_cache(cache_dir, path, meta, signature)
-        barrier()
-
-    def _write_cache(self, cache_dir: Path, path: Path, meta: Path, signature: str) -> None:
-        key = path.stem.split("-", 1)[1]
-        if path.exists() and meta.exists():
-            self._cache = np.load(path, mmap_mode="r")
+        check_shared_dir(cache_dir, "feature cache directory")
+        have = broadcast_object(bool(path.exists() and meta.exists()) if ctx.is_main else None)
+        if have:
             log.info("using feature cache %s", path)
-            return
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        size_gb = self.estimate_bytes() / 1e9
-        log.info("caching backbone features: %d items x %s fp16 = %.2f GB -> %s", self.n, self.feature_shape, size_gb, path)
-        tmp = cache_dir / f".features-{key}.npy.tmp"
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(self.n, *self.feature_shape))
-        order = torch.arange(self.n)
+        else:
+            self._write_cache(cache_dir, path, meta, signature, ctx)
+        barrier()
+        self._cache = np.load(path, mmap_mode="r")
+        if tuple(self._cache.shape) != (self.n, *self.feature_shape):
+            raise RuntimeError(f"{path}: feature cache has shape {tuple(self._cache.shape)}, expected "
+                               f"{(self.n, *self.feature_shape)}; delete it to rebuild")
+
+    def _write_cache(self, cache_dir: Path, path: Path, meta: Path, signature: str, ctx: DistContext,
+                     chunk: int = 16) -> None:
         from tqdm import tqdm
 
-        bar = tqdm(total=self.n, desc=f"features ({size_gb:.2f} GB cache)", unit="img", disable=not self.progress)
-        for images, idx in self._loader(order, 16):
-            f = self._extract(images.to(self.device))
-            arr[idx.numpy()] = f.cpu().numpy().astype(np.float16)
-            bar.update(len(idx))
+        from .distributed import all_gather_cat
+
+        key = path.stem.split("-", 1)[1]
+        size_gb = self.estimate_bytes() / 1e9
+        per_step = chunk * ctx.world_size
+        steps = -(-self.n // per_step)
+        # pad the order with the last index so every rank extracts full, equal chunks
+        order = torch.arange(self.n)
+        order = torch.cat([order, order[-1:].expand(steps * per_step - self.n)])
+        mine = order.view(steps, ctx.world_size, chunk)[:, ctx.rank].reshape(-1)
+        arr = None
+        tmp = cache_dir / f".features-{key}.npy.tmp"
+        if ctx.is_main:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            log.info("caching backbone features: %d items x %s fp16 = %.2f GB -> %s (%d process(es))",
+                     self.n, self.feature_shape, size_gb, path, ctx.world_size)
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(self.n, *self.feature_shape))
+        bar = tqdm(total=self.n, desc=f"features ({size_gb:.2f} GB cache)", unit="img",
+                   disable=not (self.progress and ctx.is_main))
+        for images, idx in self._loader(mine, chunk):
+            f = self._extract(images.to(self.device)).to(torch.float16)
+            f_all = all_gather_cat(f)
+            idx_all = all_gather_cat(idx.to(f.device))
+            if arr is not None:
+                arr[idx_all.cpu().numpy()] = f_all.cpu().numpy()
+            bar.update(min(len(idx_all), self.n - bar.n))
         bar.close()
-        arr.flush()
-        del arr
-        os.replace(tmp, path)
-        meta.write_text(json.dumps({"signature": signature, "n": self.n, "shape": list(self.feature_shape)}))
-        self._cache = np.load(path, mmap_mode="r")
+        if arr is not None:
+            arr.flush()
+            del arr
+            os.replace(tmp, path)
+            meta.write_text(json.dumps({"signature": signature, "n": self.n, "shape": list(self.feature_shape)}))
 
     @property
     def cached(self) -> bool:
         return self._cache is not None
 
     # -- iteration --------------------------------------------------------------------
-    def steps_per_epoch(self, batch_size: int, ctx: DistContext | None = None) -> int:
+    def steps_per_epoch(self, batch_size: int, ctx: DistContext | None = None, offset: int = 0) -> int:
+        """Number of global batches of ``batch_size x world size`` left after ``offset`` samples."""
         world = ctx.world_size if ctx else 1
-        return self.n // (batch_size * world)
+        return max(self.n - int(offset), 0) // (batch_size * world)
 
     def batches(
         self,
@@ -181,18 +207,23 @@ class FeatureSource:
         seed: int,
         *,
         start: int = 0,
+        offset: int = 0,
         ctx: DistContext | None = None,
         shuffle: bool = True,
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Yield ``(step_in_epoch, features (B,C,h,w) float32 on device, dataset indices (B,))``.
+        """Yield ``(step, features (B,C,h,w) float32 on device, dataset indices (B,))``.
 
-        The global order depends only on (seed, epoch); each rank takes its share of every global
-        batch. ``start`` skips the first steps (resume).
+        The global order depends only on (seed, epoch) (:func:`epoch_order`). The first
+        ``offset + start * batch_size * world_size`` samples of it are skipped (resume; ``offset``
+        counts samples, so it means the same thing for any number of processes); the rest is cut
+        into global batches of ``batch_size x world_size`` and each rank takes its contiguous
+        block of every global batch (:func:`~causeseg.distributed.shard_indices`). ``step``
+        counts from ``start``.
         """
         ctx = ctx or DistContext()
         order = epoch_order(self.n, seed, epoch) if shuffle else torch.arange(self.n)
-        mine = shard_indices(order, ctx, batch_size)
-        mine = mine[start * batch_size :]
+        skip = int(offset) + int(start) * batch_size * ctx.world_size
+        mine = shard_indices(order[skip:], ctx, batch_size)
         step = start
         if self._cache is not None:
             for i in range(0, len(mine), batch_size):

@@ -2,7 +2,8 @@
 
 It owns the epoch/step bookkeeping, the progress bar (loss and throughput), atomic checkpoints
 every N optimiser steps and at every epoch end, exact resume (module, optimiser and RNG states,
-position inside the epoch) and the optional interruption used by the tests.
+position inside the epoch as a sample offset), resume with another number of processes, and
+the optional interruption used by the tests. Only rank 0 writes checkpoints.
 """
 
 from __future__ import annotations
@@ -46,16 +47,48 @@ class LoopSpec:
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    """This process's torch RNG state (CPU, and the current CUDA device when CUDA is in use)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per visible device
+            dev = torch.cuda.current_device()
+            if dev >= len(cuda):
+                return
+            cuda = cuda[dev]
+        torch.cuda.set_rng_state(cuda)
+
+
+_NAME_SALT = {"step1": 1, "step2": 2, "step3": 3}
+
+
+def reseed_for_rank(seed: int, name: str, global_step: int, rank: int) -> None:
+    """Seed torch (CPU and CUDA) from (seed, loop name, global step, rank).
+
+    Used when a checkpoint is resumed with a different number of processes: the saved per-rank
+    streams no longer map onto the ranks, so each rank gets a fresh stream that is still
+    reproducible and different on every rank.
+    """
+    from .distributed import rank_seed
+
+    torch.manual_seed(rank_seed(seed, _NAME_SALT.get(name, 97), global_step, rank))
+
+
+def _optimizers(obj: Any) -> list[torch.optim.Optimizer]:
+    """Optimisers held by a stateful object (directly or in a ``_ModuleState``-like ``objs`` dict)."""
+    if isinstance(obj, torch.optim.Optimizer):
+        return [obj]
+    objs = getattr(obj, "objs", None)
+    if isinstance(objs, dict):
+        return [v for v in objs.values() if isinstance(v, torch.optim.Optimizer)]
+    return []
 
 
 def run_loop(
@@ -67,23 +100,62 @@ def run_loop(
 ) -> dict[str, Any]:
     """Run ``step_fn(features, indices, epoch) -> stats`` over ``spec.epochs`` epochs.
 
-    Resumes from ``spec.checkpoint`` if it exists. Returns a summary (steps, mean loss of the
-    last epoch, seconds, images per second).
+    A step is one *global* batch of ``batch_size x world_size`` samples (each rank gets its
+    contiguous block of ``batch_size``). Resumes from ``spec.checkpoint`` if it exists.
+
+    Checkpoints are written by rank 0 only and hold the epoch, the position inside the epoch as
+    a **sample offset** into the epoch's seeded order (:func:`causeseg.features.epoch_order`),
+    the global step, the world size and batch size that wrote them, the state of every object in
+    ``state`` and the torch RNG state of every rank.
+
+    Resume rule:
+
+    * same world size: exact -- every rank gets back its own RNG state, and training continues
+      with the same global batches as an uninterrupted run;
+    * different world size (or batch size): the run continues at the same sample offset of the
+      same epoch order; the remaining samples of that epoch are cut into global batches of the
+      new size (the incomplete last one is dropped as usual). The model, optimiser, bank and
+      generator states are restored as saved; the optimisers keep the learning rate they were
+      built with now (so ``run.lr_scaling=linear`` follows the new world size); each rank's torch
+      RNG is reseeded by :func:`reseed_for_rank` (seed, name, global step, rank). The result is
+      reproducible but differs from an uninterrupted run by the batch composition after the
+      resume point, as any change of the global batch size does.
+
+    Returns a summary (steps, mean loss of the last epoch over all ranks, seconds, images per
+    second).
     """
+    from .distributed import all_gather_object, check_shared_dir
+
     ctx = spec.ctx or DistContext()
-    epoch, start, global_step = 0, 0, 0
+    check_shared_dir(spec.checkpoint.parent, "checkpoint directory")
+    per_step = spec.batch_size * ctx.world_size
+    epoch, offset, global_step = 0, 0, 0
     if spec.checkpoint.exists():
         ck = torch.load(spec.checkpoint, map_location="cpu", weights_only=False)
         if ck.get("name") != spec.name:
             raise RuntimeError(f"{spec.checkpoint}: checkpoint of '{ck.get('name')}', expected '{spec.name}'")
+        for key in state:
+            if key not in ck.get("state", {}):
+                raise RuntimeError(f"{spec.checkpoint}: no state for '{key}' (has {sorted(ck.get('state', {}))})")
+        saved_world = int(ck.get("world_size", 1))
+        lrs = {key: [[g["lr"] for g in o.param_groups] for o in _optimizers(obj)] for key, obj in state.items()}
         for key, obj in state.items():
-            if key not in ck["state"]:
-                raise RuntimeError(f"{spec.checkpoint}: no state for '{key}' (has {sorted(ck['state'])})")
             obj.load_state_dict(ck["state"][key])
-        epoch, start, global_step = ck["epoch"], ck["step"], ck["global_step"]
-        rng = ck["rng"].get(ctx.rank, ck["rng"].get(0))
-        _set_rng_state(rng)
-        log.info("%s: resumed from %s at epoch %d step %d", spec.name, spec.checkpoint, epoch, start)
+        epoch, global_step = int(ck["epoch"]), int(ck["global_step"])
+        if "offset" in ck:
+            offset = int(ck["offset"])
+        else:  # older checkpoints: steps of the saving world
+            offset = int(ck["step"]) * int(ck.get("batch_size", spec.batch_size)) * saved_world
+        if saved_world == ctx.world_size and ctx.rank in ck["rng"]:
+            _set_rng_state(ck["rng"][ctx.rank])
+        else:
+            for key, obj in state.items():  # keep the learning rates built for this world size
+                for o, groups in zip(_optimizers(obj), lrs[key]):
+                    for g, lr in zip(o.param_groups, groups):
+                        g["lr"] = lr
+            reseed_for_rank(spec.seed, spec.name, global_step, ctx.rank)
+        log.info("%s: resumed from %s at epoch %d, sample %d (written by %d process(es), now %d)",
+                 spec.name, spec.checkpoint, epoch, offset, saved_world, ctx.world_size)
 
     steps_per_epoch = spec.source.steps_per_epoch(spec.batch_size, ctx)
     if steps_per_epoch == 0:
@@ -92,25 +164,18 @@ def run_loop(
             f"{spec.batch_size} x {ctx.world_size} process(es); lower the batch size"
         )
 
-    def save(ep: int, st: int) -> None:
-        # every rank's RNG state is kept so a resume with the same world size is exact
-        from .distributed import current
-
-        rngs = {ctx.rank: _rng_state()}
-        if current().enabled:
-            import torch.distributed as dist
-
-            gathered: list = [None] * ctx.world_size
-            dist.all_gather_object(gathered, _rng_state())
-            rngs = dict(enumerate(gathered))
+    def save(ep: int, off: int) -> None:
+        rngs = dict(enumerate(all_gather_object(_rng_state()))) if ctx.enabled else {ctx.rank: _rng_state()}
         if ctx.is_main:
             atomic_torch_save(
                 {
                     "name": spec.name,
                     "epoch": ep,
-                    "step": st,
+                    "offset": off,
+                    "step": off // per_step,
                     "global_step": global_step,
                     "world_size": ctx.world_size,
+                    "batch_size": spec.batch_size,
                     "state": {k: v.state_dict() for k, v in state.items()},
                     "rng": rngs,
                 },
@@ -122,12 +187,14 @@ def run_loop(
     images = 0
     losses: list[float] = []
     total = spec.epochs * steps_per_epoch
-    bar = tqdm(total=total, initial=min(epoch * steps_per_epoch + start, total), desc=spec.name,
+    bar = tqdm(total=total, initial=min(epoch * steps_per_epoch + offset // per_step, total), desc=spec.name,
                disable=not (spec.progress and ctx.is_main), unit="it")
     steps_done = 0
     while epoch < spec.epochs:
         losses = []
-        for step, feats, idx in spec.source.batches(spec.batch_size, epoch, spec.seed, start=start, ctx=ctx):
+        n_steps = spec.source.steps_per_epoch(spec.batch_size, ctx, offset)
+        batches = spec.source.batches(spec.batch_size, epoch, spec.seed, offset=offset, ctx=ctx)
+        for i, (_, feats, idx) in enumerate(batches):
             stats = step_fn(feats, idx, epoch)
             global_step += 1
             steps_done += 1
@@ -136,20 +203,26 @@ def run_loop(
             elapsed = time.perf_counter() - t0
             bar.set_postfix(loss=f"{losses[-1]:.4f}", img_s=f"{images / max(elapsed, 1e-9):.1f}")
             bar.update(1)
-            if spec.checkpoint_every and global_step % spec.checkpoint_every == 0 and step + 1 < steps_per_epoch:
-                save(epoch, step + 1)
+            done = offset + (i + 1) * per_step
+            last = i + 1 >= n_steps
             if stop_after is not None and steps_done >= stop_after:
-                save(epoch, step + 1) if step + 1 < steps_per_epoch else save(epoch + 1, 0)
+                save(epoch, done) if not last else save(epoch + 1, 0)
                 bar.close()
                 raise TrainingInterrupted(f"{spec.name}: stopped after {steps_done} steps (checkpoint saved)")
+            if spec.checkpoint_every and global_step % spec.checkpoint_every == 0 and not last:
+                save(epoch, done)
         epoch += 1
-        start = 0
+        offset = 0
         save(epoch, 0)
     bar.close()
     elapsed = time.perf_counter() - t0
+    last_loss = sum(losses) / len(losses) if losses else None
+    if ctx.enabled:
+        vals = [v for v in all_gather_object(last_loss) if v is not None]
+        last_loss = sum(vals) / len(vals) if vals else None
     return {
         "steps": global_step,
-        "last_epoch_loss": sum(losses) / max(len(losses), 1) if losses else None,
+        "last_epoch_loss": last_loss,
         "seconds": elapsed,
         "images_per_second": images / elapsed if elapsed > 0 else None,
     }
