@@ -15,9 +15,21 @@ from pathlib import Path
 log = logging.getLogger("causeseg")
 
 
+def _is_main() -> bool:
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _print(obj) -> None:
+    """The command's result line (JSON), printed by rank 0 only."""
+    if _is_main():
+        _print(obj)
+
+
 def _setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if run_dir is not None:
+    if run_dir is not None and _is_main():  # only rank 0 writes the log file
         run_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(run_dir / "log.txt"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
@@ -83,7 +95,7 @@ def cmd_train(args) -> int:
     run_dir = Path(args.run_dir)
     _setup_logging(run_dir, args.verbose)
     path = train_all(cfg, run_dir, force=args.force)
-    print(json.dumps({"model": str(path)}))
+    _print({"model": str(path)})
     return 0
 
 
@@ -99,8 +111,10 @@ def _evaluate_model(cfg, model_path: Path, out_dir: Path, *, split: str | None, 
     from .train import build_split
     from .utils import atomic_write_json, resolve_device
 
-    D.init_distributed(cfg.run.device)
+    ctx = D.init_distributed(cfg.run.device)
     device = resolve_device(cfg.run.device)
+    if device.type == "cuda" and ctx.enabled:
+        device = torch.device("cuda", ctx.local_rank)
     model = CauseModel.load(model_path, backbone_weights=cfg.backbone.weights, device=device)
     e = cfg.eval
     ds = build_split(cfg, split or cfg.data.val_split, e.resolution, with_labels=True)
@@ -173,7 +187,7 @@ def cmd_evaluate(args) -> int:
     _setup_logging(out_dir, args.verbose)
     res = _evaluate_model(cfg, model_path, out_dir, split=args.split, crf=False if args.no_crf else None,
                           flip=False if args.no_flip else None, linear_probe=args.linear_probe)
-    print(json.dumps(_summary_line(res)))
+    _print(_summary_line(res))
     return 0
 
 
@@ -185,11 +199,11 @@ def cmd_run(args) -> int:
     _setup_logging(run_dir, args.verbose)
     model_path = train_all(cfg, run_dir, force=args.force)
     if cfg.data.dataset == "images":
-        print(json.dumps({"model": str(model_path), "note": "no labels: nothing to evaluate"}))
+        _print({"model": str(model_path), "note": "no labels: nothing to evaluate"})
         return 0
     res = _evaluate_model(cfg, model_path, run_dir, split=None, crf=None, flip=None,
                           linear_probe=args.linear_probe)
-    print(json.dumps(_summary_line(res)))
+    _print(_summary_line(res))
     return 0
 
 
@@ -228,7 +242,7 @@ def cmd_predict(args) -> int:
     report = predict_folder(predictor, files, out, resolution=res, crf=not args.no_crf,
                             progress=not args.no_progress, on_error="skip" if args.skip_bad else "raise")
     atomic_write_json(report, out / "predictions.json")
-    print(json.dumps({"written": len(report["written"]), "skipped": len(report["skipped"]), "out": str(out)}))
+    _print({"written": len(report["written"]), "skipped": len(report["skipped"]), "out": str(out)})
     return 0
 
 
@@ -239,7 +253,7 @@ def cmd_demo(args) -> int:
     _setup_logging(out, args.verbose)
     summary = run_demo(out, images=args.images, steps=args.steps, seed=args.seed or 0,
                        progress=not args.no_progress)
-    print(json.dumps(summary))
+    _print(summary)
     return 0
 
 
@@ -265,7 +279,7 @@ def cmd_import_official(args) -> int:
     path = import_official(segment=args.segment, cluster=args.cluster, modular=args.modular, backbone=args.backbone,
                            backbone_weights=args.backbone_weights, num_classes=args.num_classes, out=args.out,
                            train_resolution=args.train_resolution)
-    print(json.dumps({"model": str(path)}))
+    _print({"model": str(path)})
     return 0
 
 

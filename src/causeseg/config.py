@@ -174,6 +174,10 @@ def _coerce(value: str) -> Any:
     return yaml.safe_load(value) if value != "" else ""
 
 
+# string options whose values YAML would read as booleans (on/off)
+_ON_OFF = {("run", "amp"), ("run", "feature_cache")}
+
+
 def _from_dict(data: dict, source: str) -> Config:
     cfg = Config()
     valid = {f.name: f for f in fields(Config)}
@@ -185,6 +189,8 @@ def _from_dict(data: dict, source: str) -> Config:
         obj = getattr(cfg, section)
         names = {f.name for f in fields(obj)}
         for key, value in values.items():
+            if (section, key) in _ON_OFF and isinstance(value, bool):
+                value = "on" if value else "off"
             if key not in names:
                 raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(sorted(names))})")
             setattr(obj, key, value)
