@@ -783,7 +783,11 @@ def run_smoke(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     except Exception as exc:
         out["step2_amp"] = {"error": _short_error(exc), "trace": traceback.format_exc(limit=4)[-1500:]}
     # torch.compile of the TR head (inference mode): output must match eager
+    print("[smoke] agreement:", json.dumps(out["agreement"]), flush=True)
+    print("[smoke] step2_amp:", json.dumps(out["step2_amp"]), flush=True)
+    print("[smoke] torch.compile of the TR head ...", flush=True)
     out["compile"] = run_compile_check(device, amp, args.seed, grid=16 if args.quick else 40)
+    print("[smoke] compile:", json.dumps(out["compile"]), flush=True)
     return out
 
 
@@ -924,7 +928,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-crf-pool", dest="crf_pool", action="store_false", help="skip the CRFRunner pool timing")
     p.add_argument("--project-crops", type=int, default=SCHEDULE["crops"])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --quick on CPU)")
     p.add_argument("--smoke", action="store_true", help="only the correctness smoke test")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/speed-<device>.json)")
     return p.parse_args(argv)
@@ -965,6 +969,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("speed.py: --device cuda but torch.cuda.is_available() is False")
+    if args.threads is None and args.quick and device.type == "cpu":
+        args.threads = 1  # tiny ops: one thread is faster and far steadier on a shared machine
     if args.threads:
         torch.set_num_threads(args.threads)
     args = resolve_args(args, device)

@@ -24,7 +24,7 @@ def _is_main() -> bool:
 def _print(obj) -> None:
     """The command's result line (JSON), printed by rank 0 only."""
     if _is_main():
-        _print(obj)
+        print(json.dumps(obj))
 
 
 def _setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
