@@ -362,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         args.verbose = False
     from .config import ConfigError
 
-    known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError)
+    known: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError)
     try:
         from .data.io import DataError
 

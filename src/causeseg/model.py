@@ -101,7 +101,10 @@ class CauseModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"model file not found: {path}")
-        obj = torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # truncated, not a torch file, ...
+            raise ValueError(f"{path}: cannot read the model file ({type(exc).__name__}: {exc})") from exc
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise ValueError(f"{path}: not a causeseg model file (expected format '{FORMAT}')")
         meta = obj["meta"]
