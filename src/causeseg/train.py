@@ -78,6 +78,15 @@ def _lr(base: float, cfg: Config, ctx: D.DistContext) -> float:
     return base * ctx.world_size if cfg.run.lr_scaling == "linear" else base
 
 
+def _optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, params) -> dict[str, float]:
+    """One plain optimiser step with the gradients averaged over ranks (Steps 1 and 3)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    D.average_gradients(params)
+    opt.step()
+    return {"loss": loss.item()}
+
+
 class _ModuleState:
     """Adapter giving a (module, optimiser, bank, generator) set a single state_dict."""
 
@@ -131,11 +140,7 @@ def train_step1(cfg: Config, backbone, run_dir: Path, device, ctx: D.DistContext
             x = gather_tokens(tokens(feats), per_sample_grid(idx, h, w, s.grid, seed=cfg.run.seed, stage="step1",
                                                              epoch=epoch, device=device))
             loss = -modularity_objective(x.float(), codebook.weight, tau=s.tau, variant=s.variant).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            D.average_gradients(codebook.parameters())
-            opt.step()
-            return {"loss": loss.item()}
+            return _optimise(loss, opt, codebook.parameters())
 
         spec = LoopSpec("step1", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step1.pt",
                         cfg.run.checkpoint_every, cfg.run.progress, ctx)
@@ -311,12 +316,7 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
         with torch.no_grad(), autocast_context(device, cfg.run.amp):
             y = run_head(teacher.head, tokens(feats), codebook, (h, w))
         grid = per_sample_grid(idx, h, w, s.grid, seed=cfg.run.seed, stage="step3", epoch=epoch, device=device)
-        loss = learner.loss(gather_tokens(y.float(), grid).detach())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        D.average_gradients(learner.parameters())
-        opt.step()
-        return {"loss": loss.item()}
+        return _optimise(learner.loss(gather_tokens(y.float(), grid).detach()), opt, learner.parameters())
 
     spec = LoopSpec("step3", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step3.pt",
                     cfg.run.checkpoint_every, cfg.run.progress, ctx)
