@@ -50,7 +50,7 @@ def trained(camvid_tiny, tmp_path_factory):
 
 def test_run_writes_everything(trained, capsys):
     for rel in ("config.yaml", "log.txt", "model.pt", "metrics.json", "figures/predictions.png",
-                "figures/iou.png", "figures/confusion.png"):
+                "figures/iou.png", "figures/confusion.png", "figures/concepts.png"):
         assert (trained / rel).exists(), rel
     metrics = json.loads((trained / "metrics.json").read_text())
     assert metrics["num_images"] == 4

@@ -48,7 +48,7 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
     loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=_collate, num_workers=num_workers)
     plain = UnsupervisedMetrics(num_classes)
     refined = UnsupervisedMetrics(num_classes) if crf else None
-    keep: dict[str, list] = {"images": [], "gts": [], "preds": [], "crf": []}
+    keep: dict[str, list] = {"images": [], "gts": [], "preds": [], "crf": [], "concepts": []}
     crf_seconds = 0.0
     n_images = 0
     runner = CRFRunner(workers=crf_workers, timeout=crf_timeout) if crf else None
@@ -72,6 +72,7 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
                 keep["images"] += list(to_uint8(images[:take]))
                 keep["gts"] += list(labels[:take].numpy())
                 keep["preds"] += list(pred[:take].numpy())
+                keep["concepts"] += _concept_maps(predictor, images[:take])
                 if crf_pred is not None:
                     keep["crf"] += list(crf_pred[:take].numpy())
     finally:
@@ -100,7 +101,8 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(_jsonable(res), out_dir / "metrics.json")
-        _figures(out_dir / "figures", keep, res, class_names, num_classes)
+        _figures(out_dir / "figures", keep, res, class_names, num_classes,
+                 codebook=getattr(predictor.model, "codebook", None))
     return res
 
 
@@ -118,8 +120,22 @@ def _jsonable(obj):
     return obj
 
 
-def _figures(fig_dir: Path, keep: dict, res: dict, class_names, num_classes: int) -> None:
-    from .figures import save_confusion, save_iou_bars, save_prediction_grid
+def _concept_maps(predictor: Predictor, images: torch.Tensor) -> list:
+    """Clusterbook index of every backbone token (for the concept-retrieval figure)."""
+    from .contrastive import assign_concepts
+    from .model import tokens
+
+    model = predictor.model
+    if getattr(model, "codebook", None) is None or model.codebook.shape[0] < 2:
+        return []
+    with torch.no_grad():
+        feats = model.backbone(images.to(predictor.device)).float()
+        q = assign_concepts(tokens(feats), model.codebook)
+    return list(q.reshape(feats.shape[0], *feats.shape[-2:]).cpu().numpy())
+
+
+def _figures(fig_dir: Path, keep: dict, res: dict, class_names, num_classes: int, codebook=None) -> None:
+    from .figures import save_concept_retrieval, save_confusion, save_iou_bars, save_prediction_grid
 
     fig_dir.mkdir(parents=True, exist_ok=True)
     best = res.get("crf", res["no_crf"])
@@ -132,4 +148,11 @@ def _figures(fig_dir: Path, keep: dict, res: dict, class_names, num_classes: int
         save_iou_bars(fig_dir / "iou.png", best["per_class_iou"], names)
     if "confusion" in best:
         save_confusion(fig_dir / "confusion.png", np.asarray(best["confusion"]), names)
+    if keep["concepts"] and codebook is not None:
+        from .contrastive import concept_distance
+
+        counts = np.bincount(np.concatenate([c.ravel() for c in keep["concepts"]]), minlength=codebook.shape[0])
+        top = [int(c) for c in np.argsort(-counts)[:6] if counts[c] > 0]
+        save_concept_retrieval(fig_dir / "concepts.png", keep["images"], keep["concepts"], top,
+                               concept_distance=concept_distance(codebook.float().cpu()).numpy(), phi_plus=0.3)
     (fig_dir / "README.txt").write_text(json.dumps({"figures": sorted(p.name for p in fig_dir.glob("*.png"))}))
