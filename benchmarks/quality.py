@@ -50,7 +50,7 @@ def kmeans_baseline(cfg, seed: int, run_dir: Path) -> CauseModel:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for images in loader:
-            t = tokens(backbone(images)).reshape(-1, backbone.embed_dim if hasattr(backbone, "embed_dim") else -1)
+            t = tokens(backbone(images)).reshape(-1, backbone.embed_dim)
             feats.append(F.normalize(t[torch.randperm(len(t), generator=g)[:20000 // max(1, len(ds) // 16)]], dim=1))
     x = torch.cat(feats).numpy()
     km = KMeans(n_clusters=cfg.data.num_classes, n_init=3, random_state=seed).fit(x)

@@ -75,16 +75,13 @@ def _config_from_args(args):
 
 
 def _class_names(cfg) -> list[str] | None:
-    try:
-        from .data.labelmaps import get_label_map
+    """Class names of the configured label map (cosmetic: figures only)."""
+    from .data.labelmaps import get_label_map
 
-        name = {"camvid": "camvid11", "cocostuff27": "cocostuff27", "cityscapes27": "cityscapes27",
-                "voc": "voc21", "coco81": "coco81", "coco171": "coco171"}.get(cfg.data.dataset)
-        if name:
-            return list(get_label_map(name).names)
-    except Exception:  # names are cosmetic
+    try:
+        return list(get_label_map(cfg.data.label_spec or cfg.data.dataset).names)
+    except (KeyError, ValueError, TypeError):  # 'images' or an unnamed custom spec
         return None
-    return None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,31 +121,25 @@ def _evaluate_model(cfg, model_path: Path, out_dir: Path, *, split: str | None, 
                    crf=e.crf if crf is None else crf, crf_workers=e.crf_workers, crf_timeout=e.crf_timeout,
                    out_dir=out_dir, class_names=_class_names(cfg), figures=e.figures, progress=cfg.run.progress)
     if linear_probe:
+        from .data.datasets import collate
         from .probe import evaluate_probe, train_linear_probe
 
         train_ds = build_split(cfg, cfg.data.train_split, e.resolution, with_labels=True)
 
         def batches(dataset):
-            loader = torch.utils.data.DataLoader(dataset, batch_size=e.batch_size, collate_fn=_stack)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=e.batch_size, collate_fn=collate)
             for b in loader:
                 yield model.embed(b["image"].to(device)).detach(), b["label"].to(device)
 
-        probe = train_linear_probe(lambda: batches(train_ds), in_dim=model.head_out_dim if hasattr(model, "head_out_dim")
-                                   else int(model.centroids.shape[1]), num_classes=cfg.data.num_classes,
-                                   epochs=e.probe_epochs, seed=cfg.run.seed)
+        probe = train_linear_probe(lambda: batches(train_ds), in_dim=int(model.centroids.shape[1]),
+                                   num_classes=cfg.data.num_classes, epochs=e.probe_epochs, seed=cfg.run.seed)
         res["linear_probe"] = evaluate_probe(probe, batches(ds), num_classes=cfg.data.num_classes)
         res["linear_probe"]["note"] = "supervised linear probe (paper Table 2); a separate evaluation"
-        from .evaluate import _jsonable
+        from .metrics import to_json
 
         if D.current().is_main:
-            atomic_write_json(_jsonable(res), out_dir / "metrics.json")
+            atomic_write_json(to_json(res), out_dir / "metrics.json")
     return res
-
-
-def _stack(batch):
-    import torch
-
-    return {"image": torch.stack([b["image"] for b in batch]), "label": torch.stack([b["label"] for b in batch])}
 
 
 def _summary_line(res: dict) -> dict:

@@ -18,20 +18,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed as D
-from .metrics import UnsupervisedMetrics
+from .data.datasets import collate
+from .metrics import UnsupervisedMetrics, to_json
 from .predict import Predictor, to_uint8
 from .utils import atomic_write_json
 
 log = logging.getLogger(__name__)
-
-
-def _collate(batch):
-    return {
-        "image": torch.stack([b["image"] for b in batch]),
-        "label": torch.stack([b["label"] for b in batch]),
-        "name": [b["name"] for b in batch],
-        "index": torch.tensor([b["index"] for b in batch]),
-    }
 
 
 def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int = 16, crf: bool = True,
@@ -45,7 +37,7 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
 
     ctx = D.current()
     idx = list(range(ctx.rank, len(dataset), ctx.world_size))
-    loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=_collate, num_workers=num_workers)
+    loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     plain = UnsupervisedMetrics(num_classes)
     refined = UnsupervisedMetrics(num_classes) if crf else None
     keep: dict[str, list] = {"images": [], "gts": [], "preds": [], "crf": [], "concepts": []}
@@ -100,24 +92,10 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
     if out_dir is not None and ctx.is_main:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(_jsonable(res), out_dir / "metrics.json")
+        atomic_write_json(to_json(res), out_dir / "metrics.json")
         _figures(out_dir / "figures", keep, res, class_names, num_classes,
                  codebook=getattr(predictor.model, "codebook", None))
     return res
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.ndarray, torch.Tensor)):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return None if not np.isfinite(obj) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
 
 
 def _concept_maps(predictor: Predictor, images: torch.Tensor) -> list:

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .contrastive import assign_concepts
 from .heads import MLPHead, TRHead
+from .tta import cluster_cosine
 
 FORMAT = "causeseg-model-v1"
 
@@ -75,7 +75,7 @@ class CauseModel(nn.Module):
 
     def cosine(self, y: torch.Tensor) -> torch.Tensor:
         """(B, r, H, W) -> (B, C, H, W) cosine similarity to the centroids."""
-        return torch.einsum("brhw,cr->bchw", F.normalize(y, dim=1), F.normalize(self.centroids, dim=1))
+        return cluster_cosine(y, self.centroids)
 
     # -- persistence ------------------------------------------------------------------------
     def save(self, path: str | Path, config: dict | None = None) -> None:

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .features import autocast_context
 from .model import CauseModel
-from .tta import flip_average
+from .tta import flip_average, upsample
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ class Predictor:
         images = images.to(self.device)
         y = self.embed(images)
         size = size or tuple(images.shape[-2:])
-        y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        return self.alpha * self.model.cosine(y)
+        return self.alpha * self.model.cosine(upsample(y, size))
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, crf: bool = False) -> Prediction:
@@ -126,7 +125,7 @@ def predict_folder(predictor: Predictor, inputs: list[Path], out_dir: str | Path
             lab_small = predictor.refine(x, s)[0]
             labels = F.interpolate(lab_small[None, None].float(), size=(h, w), mode="nearest")[0, 0].long()
         else:
-            s_full = F.interpolate(s, size=(h, w), mode="bilinear", align_corners=False)
+            s_full = upsample(s, (h, w))
             labels = s_full.argmax(1)[0].cpu()
         lab = labels.numpy().astype(np.uint8 if predictor.model.num_classes <= 256 else np.uint16)
         stem = Path(path).stem

@@ -24,7 +24,7 @@ from .centroids import CentroidLearner
 from .clusterbook import Clusterbook, Codebook, discretise
 from .config import Config, save_config
 from .contrastive import assign_concepts, concept_contrastive_loss, concept_distance
-from .features import FeatureSource, autocast_context
+from .features import FeatureSource, amp_dtype, autocast_context
 from .heads import ProjectionHead, ema_update, make_teacher
 from .loop import LoopSpec, run_loop
 from .model import CauseModel, build_head, run_head, tokens
@@ -265,11 +265,8 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
     bank = ConceptBank(book.k, s.bank_size, dim, policy=s.bank_policy).to(device) if s.use_bank else None
     bank_gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 12345)  # same on every rank
     opt = torch.optim.Adam(student.parameters(), lr=_lr(s.lr, cfg, ctx), weight_decay=s.weight_decay)
-    scaler = None
-    if device.type == "cuda" and cfg.run.amp in ("fp16",) or (
-        device.type == "cuda" and cfg.run.amp == "auto" and not torch.cuda.is_bf16_supported()
-    ):
-        scaler = torch.amp.GradScaler("cuda")
+    # fp16 needs loss scaling; bf16 and fp32 do not
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype(device, cfg.run.amp) == torch.float16 else None
 
     def step(feats, idx, epoch):
         return step2_update(cfg, student, teacher, bank, codebook, d_m, feats, idx, epoch, opt, bank_gen, device,
