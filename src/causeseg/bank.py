@@ -40,9 +40,19 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ["POLICIES", "ConceptBank", "select_new", "select_discard", "group_ranks"]
+__all__ = ["POLICIES", "ConceptBank", "select_new", "select_discard", "group_ranks", "storage_dtype"]
 
 POLICIES = ("official", "paper")
+
+
+def storage_dtype(compute_dtype: torch.dtype | None) -> torch.dtype:
+    """Storage dtype of ``feats`` for a Step-2 run whose AMP dtype is ``compute_dtype`` (None = AMP off).
+
+    bf16 under bf16 AMP: the stored teacher projections come out of autocast in bf16, so this loses
+    nothing and halves the bank's memory and the traffic of the bank term (whose matmuls run in bf16).
+    fp32 otherwise (fp16's range is not trusted for unnormalised features).
+    """
+    return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32
 
 
 def group_ranks(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,18 @@ positive pair is dropped and counted (the official code returns ``mean([]) = NaN
 
 Everything is vectorised over images and anchors; masked log-sum-exps are computed with ``-inf``
 masking and are NaN-free in value and gradient, also for anchors with empty sets.
+
+Fast bank term (official form). With the official sizes the bank term's logits are
+``(B*n) x (k*b) = 1600 x 204,800``. Its positive part needs no logits at all
+(``sum_{j in Pos_i} s_ij = a_i . (P_i @ S) / tau``, ``S_m`` = sum of concept ``m``'s normalised
+entries), and its log-sum-exp over ``Pos_i u Neg_i`` is computed by
+:func:`causeseg.bank_lse.bank_logsumexp` (``bank_impl="auto" | "torch" | "triton"``): the mask is
+structured (``U[i, m] = Pos u Neg`` at concept level times ``valid[m, slot]``) and never built as an
+``(A, k*b)`` tensor, the logits are produced chunk by chunk (Triton: tile by tile) by matmuls in the
+anchors' dtype (bf16 under AMP) with fp32 accumulation and an fp32 log-sum-exp, and only the anchors and
+the ``(A,)`` log-sum-exps are kept for the backward pass, which recomputes the logits.
+``bank_impl="reference"`` keeps the plain fp32 masked log-sum-exp over materialised logits for comparison
+(tests check both agree in value and gradient).
 """
 
 from __future__ import annotations
@@ -37,8 +49,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .bank_lse import bank_logsumexp
+
 __all__ = [
     "FORMS",
+    "BANK_IMPLS",
     "concept_distance",
     "assign_concepts",
     "concept_masks",
@@ -46,6 +61,9 @@ __all__ = [
 ]
 
 FORMS = ("official", "paper")
+#: how the official-form bank log-sum-exp is computed (:func:`causeseg.bank_lse.bank_logsumexp`; "reference" =
+#: the plain fp32 masked log-sum-exp over materialised ``(rows x k*b)`` logits, kept for comparison)
+BANK_IMPLS = ("auto", "torch", "triton", "reference")
 
 #: elements of the (tokens x k) similarity temporary of :func:`assign_concepts` (64 MB in fp32)
 _ASSIGN_CHUNK_ELEMENTS = 2**24
@@ -127,6 +145,19 @@ def _pair_losses(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, form: st
     return torch.where(pos & has_neg.unsqueeze(-1), per_pair, torch.zeros_like(per_pair)).sum(-1)
 
 
+def _bank_positive_sum(a: torch.Tensor, p_con: torch.Tensor, flat: torch.Tensor, valid: torch.Tensor,
+                       inv_norm: torch.Tensor, tau: float, dt: torch.dtype) -> torch.Tensor:
+    """``sum_{j in Pos_i} s_ij = a_i . (P_i @ S) / tau`` per anchor, ``S_m = sum_slot valid z_{m,slot} / ||z||``.
+
+    ``flat (k*b, d)`` in its storage dtype: a low-precision bank is reduced in its own dtype (fp32
+    accumulation inside ``bmm``), so no fp32 copy of the bank is made; the result is in ``dt``.
+    """
+    k, nb = valid.shape
+    w = (valid.to(dt) * inv_norm.reshape(k, nb).to(dt)).unsqueeze(1)  # (k, 1, b)
+    s_con = torch.bmm(w.to(flat.dtype), flat.reshape(k, nb, -1)).squeeze(1).to(dt)  # (k, d), no bank-sized temporary
+    return (a * (p_con.to(dt) @ s_con)).sum(-1) / tau
+
+
 def _rowwise(fn: Callable[..., torch.Tensor], a: torch.Tensor, extra: tuple[torch.Tensor, ...],
              chunk_size: int | None) -> torch.Tensor:
     """Apply ``fn(a_rows, *extra_rows) -> (rows,)`` over chunks of anchor rows.
@@ -163,6 +194,7 @@ def concept_contrastive_loss(
     exclude_self: bool = True,
     chunk_size: int | None = None,
     anchor_offset: int = 0,
+    bank_impl: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Concept-wise contrastive loss of CAUSE Step 2 (paper Eq. 4 / official SupCon-like form).
 
@@ -185,8 +217,19 @@ def concept_contrastive_loss(
         chunk_size: if given, anchors are processed ``chunk_size`` rows at a time under
             activation checkpointing, so the peak memory of a term is about
             ``chunk_size x (number of candidates)`` logits plus masks (for the bank term
-            ``chunk_size x k*b``) instead of ``B*n x (number of candidates)``. Same result.
+            ``chunk_size x k*b``) instead of ``B*n x (number of candidates)``. Same result. The fused
+            bank term (``bank_impl`` other than ``"reference"``) takes it as its rows per chunk and
+            keeps no logits for the backward pass; by default it bounds its chunks itself.
         anchor_offset: index of the anchors' first image inside ``cands`` (distributed: rank * B).
+        bank_impl: official form only -- how the bank log-sum-exp is computed: ``"auto"`` / ``"torch"`` /
+            ``"triton"`` use :func:`causeseg.bank_lse.bank_logsumexp` (no ``(rows x k*b)`` mask, matmuls in
+            the anchors' dtype when that is fp16/bf16, fp32 log-sum-exp, ``chunk_size`` = its
+            ``block_rows``); ``"reference"`` the plain masked log-sum-exp over materialised fp32 logits
+            (chunked with checkpointing by ``chunk_size``). The paper form always uses the latter.
+
+    Precision: the in-batch term, the positive sums and the loss are computed in fp32 (fp64 for fp64
+    anchors) whatever the anchors' dtype; with fp16/bf16 anchors (AMP) the official bank term's matmuls
+    run in that dtype (the bank is cast to it unless stored so) with fp32 accumulation and log-sum-exp.
 
     Returns:
         ``(loss, stats)``. ``loss`` = mean of the available per-image terms
@@ -199,11 +242,14 @@ def concept_contrastive_loss(
 
     For the official form the bank term uses the ``(k, b, d)`` layout: the positive sum
     ``sum_{j in Pos_i} s_ij = a_i . (P_i @ S) / tau`` with ``S_m = sum_slot valid z_{m,slot}`` and
-    ``P_i = [D_M[q_i] > phi_pos]``, so only the log-sum-exp needs the ``(B*n) x (k*b)`` logits. Bank
-    entries are normalised through their norms (the bank is never copied normalised).
+    ``P_i = [D_M[q_i] > phi_pos]``, so only the log-sum-exp needs the ``(B*n) x (k*b)`` logits, and
+    :func:`causeseg.bank_lse.bank_logsumexp` computes it chunk by chunk (or tile by tile) without keeping
+    them. Bank entries are normalised through their norms (the bank is never copied normalised).
     """
     if form not in FORMS:
         raise ValueError(f"concept_contrastive_loss: form must be one of {FORMS}, got {form!r}")
+    if bank_impl not in BANK_IMPLS:
+        raise ValueError(f"concept_contrastive_loss: bank_impl must be one of {BANK_IMPLS}, got {bank_impl!r}")
     if tau <= 0:
         raise ValueError(f"concept_contrastive_loss: tau must be > 0, got {tau}")
     if phi_neg > phi_pos:
@@ -231,9 +277,11 @@ def concept_contrastive_loss(
             raise ValueError(f"concept_contrastive_loss: anchor_offset {anchor_offset} + B {bsz} exceeds the "
                              f"{bc} candidate images")
 
-    dev, dt = anchors.device, anchors.dtype
+    dev = anchors.device
+    dt = torch.promote_types(anchors.dtype, torch.float32)  # in-batch term, positives and loss: >= fp32
+    low = anchors.dtype if anchors.dtype in (torch.float16, torch.bfloat16) else dt  # fast bank term matmuls
     d_m = d_m.to(device=dev)
-    a = F.normalize(anchors.reshape(bsz * n, dim), dim=-1)  # (A, d)
+    a = F.normalize(anchors.reshape(bsz * n, dim).to(dt), dim=-1)  # (A, d)
     qa = anchor_c.reshape(-1).to(dev)
     img = torch.arange(bsz, device=dev).repeat_interleave(n)
 
@@ -273,29 +321,33 @@ def concept_contrastive_loss(
         if tuple(valid.shape) != (k, nb):
             raise ValueError(f"concept_contrastive_loss: bank_valid must be ({k}, {nb}), got {tuple(valid.shape)}")
         if bool(valid.any()):
-            flat = bank.detach().to(device=dev, dtype=dt).reshape(k * nb, dim)  # view when possible
-            inv_norm = 1.0 / flat.norm(dim=-1).clamp_min(1e-12)  # F.normalize semantics
-            valid_flat = valid.reshape(-1)
             p_con, n_con = concept_masks(qa, torch.arange(k, device=dev), d_m, phi_pos, phi_neg)  # (A, k)
             cnt = valid.sum(1).to(torch.float32)  # exact counts (< 2**24)
             npos_bank = (p_con.to(torch.float32) @ cnt).round().long()
+            if form == "official" and bank_impl != "reference":
+                # fast path: lse over Pos u Neg without (rows x k*b) masks; the bank keeps its storage dtype
+                zb = bank.detach().to(device=dev)
+                flat = zb.reshape(k * nb, dim)
+                inv_norm = 1.0 / torch.linalg.vector_norm(flat, dim=-1, dtype=dt).clamp_min(1e-12)
+                lse, _ = bank_logsumexp(a, zb, p_con | n_con, valid, inv_norm.reshape(k, nb), tau, impl=bank_impl,
+                                        block_rows=chunk_size, dtype=low)
+                out = npos_bank.to(dt) * lse.to(dt) - _bank_positive_sum(a, p_con, flat, valid, inv_norm, tau, dt)
+            else:
+                flat = bank.detach().to(device=dev, dtype=dt).reshape(k * nb, dim)  # view when possible
+                inv_norm = 1.0 / flat.norm(dim=-1).clamp_min(1e-12)  # F.normalize semantics
 
-            def bank_rows(a_rows: torch.Tensor, p_rows: torch.Tensor, n_rows: torch.Tensor) -> torch.Tensor:
-                s = (a_rows @ flat.t()) * (inv_norm / tau).unsqueeze(0)  # (R, k*b)
-                if form == "official":  # only the log-sum-exp over Pos u Neg needs the full logits
-                    union = ((p_rows | n_rows).unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
-                    return _masked_logsumexp(s, union)[0]
-                pos = (p_rows.unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
-                neg = (n_rows.unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
-                return _pair_losses(s, pos, neg, form)
+                def bank_rows(a_rows: torch.Tensor, p_rows: torch.Tensor, n_rows: torch.Tensor) -> torch.Tensor:
+                    s = (a_rows @ flat.t()) * (inv_norm / tau).unsqueeze(0)  # (R, k*b)
+                    if form == "official":  # only the log-sum-exp over Pos u Neg needs the full logits
+                        union = ((p_rows | n_rows).unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
+                        return _masked_logsumexp(s, union)[0]
+                    pos = (p_rows.unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
+                    neg = (n_rows.unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
+                    return _pair_losses(s, pos, neg, form)
 
-            out = _rowwise(bank_rows, a, (p_con, n_con), chunk_size)
-            if form == "official":
-                # sum_{Pos_i} s_ij = a_i . (P_i @ S) / tau with S_m = sum of the valid normalised entries
-                w = (valid.to(dt) * inv_norm.reshape(k, nb)).unsqueeze(1)  # (k, 1, b)
-                s_con = torch.bmm(w, flat.reshape(k, nb, dim)).squeeze(1)  # (k, d), no bank-sized temporary
-                spos = (a * (p_con.to(dt) @ s_con)).sum(-1) / tau
-                out = npos_bank.to(dt) * out - spos
+                out = _rowwise(bank_rows, a, (p_con, n_con), chunk_size)
+                if form == "official":
+                    out = npos_bank.to(dt) * out - _bank_positive_sum(a, p_con, flat, valid, inv_norm, tau, dt)
             terms_sum.append(out.reshape(bsz, n).sum(1))
             terms_cnt.append(npos_bank.reshape(bsz, n).sum(1))
 
@@ -307,7 +359,7 @@ def concept_contrastive_loss(
     if n_used > 0:
         loss = torch.where(used, per_term, torch.zeros_like(per_term)).sum() / n_used
     else:
-        loss = 0.0 * anchors.sum()
+        loss = 0.0 * anchors.sum().to(dt)
     has_any = (npos_in + npos_bank) > 0
     stats = {
         "terms_used": n_used,
