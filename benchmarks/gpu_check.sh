@@ -8,9 +8,14 @@
 # What it does, each part under its own timeout (a failing part is reported and the script goes on):
 #   1. environment: nvidia-smi, torch / CUDA versions; optional offline wheels from ./.whl/
 #   2. smoke test (benchmarks/speed.py --smoke): AMP bf16 forward/backward of causeseg's Step-2 update (TR and
-#      MLP, full bank), naive-vs-ours agreement of the Step-1 and Step-2 losses, torch.compile of the TR head
+#      MLP, full bank), naive-vs-ours agreement of the Step-1 and Step-2 losses, the fused bank log-sum-exp
+#      (causeseg.bank_lse: torch and Triton kernels, fp32 and bf16) against an fp64 brute force (value and
+#      gradient), torch.compile of the TR head
 #   3. speed benchmark at the official sizes: ViT-S/8 and ViT-B/8, 320 px, batch 16, k 2048, full 100 x 2048 bank,
-#      ours and naive (official-structure) Steps 1-3, evaluation, CRF (skipped when pydensecrf is missing)
+#      ours and naive (official-structure) Steps 1-3, evaluation, CRF (skipped when pydensecrf is missing).
+#      Step-2 rows: step2_tr = the config default (step2.bank_impl=auto: the Triton bank kernel on CUDA, bank
+#      stored in bf16 under bf16 AMP), step2_tr_ref = bank_impl=reference (the former fp32 masked log-sum-exp
+#      over materialised logits), step2_tr_torch = bank_impl=torch (the fused path without Triton)
 #   4. the Step-1/Step-2 rows again with TF32 matmuls allowed (ViT-B/8)
 #   5. a short summary
 # Files written under $OUT: gpu_check.log, speed-smoke-cuda.json, speed-cuda.json, speed-cuda-tf32.json
@@ -133,6 +138,10 @@ for name in (f"speed-smoke-{tag}.json", f"speed-{tag}.json", f"speed-{tag}-tf32.
         print("  agreement ok:", s.get("agreement", {}).get("ok"), "| step2 amp:",
               {k: v.get("ok") for k, v in s.get("step2_amp", {}).items() if isinstance(v, dict)} or s.get("step2_amp"),
               "| compile:", {k: s.get("compile", {}).get(k) for k in ("ok", "max_abs_diff", "eager_ms", "compiled_ms", "error")})
+        bl = s.get("bank_lse", {})
+        print("  bank_lse ok:", bl.get("ok"), {k: (v.get("ok"), v.get("lse_max_abs_err"), v.get("grad_max_rel_err"))
+                                               if "ok" in v else (v.get("skipped") or v.get("error"))
+                                               for k, v in bl.items() if isinstance(v, dict) and k != "sizes"})
     for bb, b in r.get("backbones", {}).items():
         line = f"  {bb}: backbone {b.get('backbone', {}).get('ms')} ms"
         print(line)
@@ -142,8 +151,10 @@ for name in (f"speed-smoke-{tag}.json", f"speed-{tag}.json", f"speed-{tag}-tf32.
                 if x is None:
                     continue
                 if "step_ms" in x:
+                    bank = x.get("info", {}).get("bank_impl_resolved")
                     print(f"    {row:16s} {impl:5s} step {x['step_ms']:9.2f} ms  iter {x.get('combined_ms', float('nan')):9.2f} ms"
-                          f"  x{x.get('x_backbone')}  eff {x.get('efficiency')}  peak+ {x.get('step_peak_delta_mb')} MB")
+                          f"  x{x.get('x_backbone')}  eff {x.get('efficiency')}  peak+ {x.get('step_peak_delta_mb')} MB"
+                          + (f"  bank={bank}" if bank else ""))
                 else:
                     print(f"    {row:16s} {impl:5s} {x.get('skipped') or x.get('error')}")
         for row, t in b.get("targets", {}).items():

@@ -11,6 +11,11 @@ the weights. For every training step it reports
 * ``efficiency``   -- backbone_ms / combined_ms (1.0 = the step is free);
 * ``x_backbone``   -- combined_ms / backbone_ms (the targets on one H100: <= 1.5 for Step-2 TR with the
   official 2048-d bank, <= 1.25 with the paper's 90-d bank);
+* the Step-2 sections use the configuration's bank term (``step2.bank_impl``, default ``auto``: the fused
+  ``causeseg.bank_lse`` kernel -- Triton on CUDA, torch elsewhere; ``--bank-impl`` overrides it), with the
+  bank stored as training stores it (bf16 under bf16 AMP); ``step2_tr_ref`` times Step-2 TR with
+  ``bank_impl=reference`` (the plain fp32 masked log-sum-exp over materialised logits) and ``step2_tr_torch``
+  with ``bank_impl=torch`` (the fused path without Triton) for comparison;
 * peak memory of the step alone (CUDA: ``max_memory_allocated``; CPU: peak RSS sampled from /proc).
 
 "ours" runs causeseg's modules (``modularity_objective``, ``train.step2_update`` with ``ConceptBank``
@@ -71,14 +76,16 @@ ALIASES = {
     "vits8": "dino_vits8", "vits16": "dino_vits16", "vitb8": "dino_vitb8", "vitb16": "dino_vitb16",
 }
 ALL_SECTIONS = (
-    "backbone", "step1", "step1_naive", "step2_mlp", "step2_mlp_naive", "step2_tr", "step2_tr_naive",
-    "step2_tr_bank90", "step3", "step3_naive", "eval", "crf", "agreement",
+    "backbone", "step1", "step1_naive", "step2_mlp", "step2_mlp_naive", "step2_tr", "step2_tr_ref", "step2_tr_torch",
+    "step2_tr_naive", "step2_tr_bank90", "step3", "step3_naive", "eval", "crf", "agreement",
 )
 #: which (section, implementation) a step row belongs to
 STEP_ROWS = {
     "step1": ("step1", "ours"), "step1_naive": ("step1", "naive"),
     "step2_mlp": ("step2_mlp", "ours"), "step2_mlp_naive": ("step2_mlp", "naive"),
     "step2_tr": ("step2_tr", "ours"), "step2_tr_naive": ("step2_tr", "naive"),
+    "step2_tr_ref": ("step2_tr_ref", "ours"),  # Step-2 TR with bank_impl=reference
+    "step2_tr_torch": ("step2_tr_torch", "ours"),  # Step-2 TR with bank_impl=torch (the fused path without Triton)
     "step2_tr_bank90": ("step2_tr_bank90", "ours"),
     "step3": ("step3", "ours"), "step3_naive": ("step3", "naive"),
 }
@@ -297,10 +304,14 @@ def make_codebook(feats: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     return cb.to(feats.device)
 
 
-def step2_cfg(b: Bench, head: str, feature_space: str):
+def step2_cfg(b: Bench, head: str, feature_space: str, bank_impl: str | None = None):
+    """Step-2 configuration at the benchmark's sizes; ``bank_impl`` None = ``--bank-impl`` or the config default."""
     from causeseg.config import Config
 
     cfg = Config()
+    impl = bank_impl or b.args.bank_impl
+    if impl is not None:
+        cfg.step2.bank_impl = impl
     cfg.run.seed = b.seed
     cfg.run.amp = b.amp
     s = cfg.step2
@@ -368,16 +379,19 @@ def setup_step1(b: Bench, feats: torch.Tensor, impl: str):
                   "materialised_elements": bsz * b.k * n_s * n_s if impl == "naive" else None}
 
 
-def setup_step2(b: Bench, feats: torch.Tensor, impl: str, head: str, feature_space: str = "projection"):
-    from causeseg.bank import ConceptBank
+def setup_step2(b: Bench, feats: torch.Tensor, impl: str, head: str, feature_space: str = "projection",
+                bank_impl: str | None = None):
+    from causeseg.bank import ConceptBank, storage_dtype
+    from causeseg.bank_lse import resolve_impl
     from causeseg.contrastive import concept_distance
+    from causeseg.features import amp_dtype
     from causeseg.heads import make_teacher
     from causeseg.model import run_head
     from causeseg.train import build_student, step2_update
 
     bsz, c, h, w = feats.shape
     dev = b.device
-    cfg = step2_cfg(b, head, feature_space)
+    cfg = step2_cfg(b, head, feature_space, bank_impl)
     s = cfg.step2
     dim = s.projection_dim if feature_space == "projection" else s.reduced_dim
     n_s = (h // b.grid) * (w // b.grid)
@@ -393,7 +407,13 @@ def setup_step2(b: Bench, feats: torch.Tensor, impl: str, head: str, feature_spa
             raise Skip(f"naive bank rebuild copies ~{copy_gb:.0f} GB per iteration (torch.cat inside a {b.k}-step "
                        f"loop), over --cpu-naive-copy-gb {b.args.cpu_naive_copy_gb:g} on the CPU; run it on a GPU or "
                        f"pass --force-naive")
-    s.loss_chunk = b.loss_chunk(bsz * n_s, bank_entries + bsz * n_s) if impl == "ours" else None
+    # the reference bank term materialises (rows x k*b) logits: chunk it when they do not fit; the fused bank
+    # term bounds its own chunks (an explicit --loss-chunk applies to both)
+    if impl == "ours" and (s.bank_impl == "reference" or b.args.loss_chunk is not None):
+        s.loss_chunk = b.loss_chunk(bsz * n_s, bank_entries + bsz * n_s)
+    else:
+        s.loss_chunk = None
+    bank_dtype = storage_dtype(amp_dtype(dev, b.amp))
     torch.manual_seed(b.seed)
     nq = h * w if head == "tr" else None
     student = build_student(cfg, c, nq).to(dev)
@@ -402,6 +422,12 @@ def setup_step2(b: Bench, feats: torch.Tensor, impl: str, head: str, feature_spa
     opt = torch.optim.Adam(student.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     info: dict[str, Any] = {"head": head, "bank": f"{b.k} x {b.bank_size} x {dim}", "anchors_per_image": n_s,
                             "bank_dim": dim, "loss_chunk": s.loss_chunk}
+    if impl == "ours":
+        low = amp_dtype(dev, b.amp)
+        info["bank_impl"] = s.bank_impl
+        info["bank_impl_resolved"] = (s.bank_impl if s.bank_impl == "reference"
+                                      else resolve_impl(s.bank_impl, dev, low or torch.float32))
+        info["bank_dtype"] = str(bank_dtype).replace("torch.", "")
     with torch.no_grad():
         from causeseg.contrastive import assign_concepts
 
@@ -409,7 +435,7 @@ def setup_step2(b: Bench, feats: torch.Tensor, impl: str, head: str, feature_spa
         info["distinct_concepts_in_batch"] = int(torch.unique(q).numel())
     if impl == "ours":
         d_m = concept_distance(codebook)
-        bank = ConceptBank(b.k, b.bank_size, dim, policy=s.bank_policy).to(dev)
+        bank = ConceptBank(b.k, b.bank_size, dim, policy=s.bank_policy, dtype=bank_dtype).to(dev)
         info["bank_filled_fraction"] = round(fill_concept_bank(bank, b.k, b.bank_size, dim, dev, b.seed), 4)
         bank_gen = torch.Generator(device=dev).manual_seed(b.seed + 12345)
         counter = [0]
@@ -529,6 +555,10 @@ def run_backbone(name: str, b: Bench, sections: list[str], out: dict[str, Any]) 
                 step, info = setup_step2(b, feats, impl, "mlp")
             elif row == "step2_tr":
                 step, info = setup_step2(b, feats, impl, "tr")
+            elif row == "step2_tr_ref":
+                step, info = setup_step2(b, feats, impl, "tr", bank_impl="reference")
+            elif row == "step2_tr_torch":
+                step, info = setup_step2(b, feats, impl, "tr", bank_impl="torch")
             elif row == "step2_tr_bank90":
                 step, info = setup_step2(b, feats, impl, "tr", feature_space="head")
             else:
@@ -735,6 +765,60 @@ def run_agreement(device: torch.device, seed: int) -> dict[str, Any]:
     return out
 
 
+def run_bank_lse_check(device: torch.device, seed: int) -> dict[str, Any]:
+    """``causeseg.bank_lse.bank_logsumexp`` (torch and, where it runs, Triton; fp32 and bf16) against an fp64
+    brute-force masked log-sum-exp on the CPU: value and gradient, with empty rows and a partially valid bank."""
+    from causeseg.bank_lse import bank_logsumexp, resolve_impl
+
+    g = torch.Generator().manual_seed(seed + 5)
+    n_rows, k, nb, d, tau = 300, 128, 20, 256, 0.07
+    a = F.normalize(torch.randn(n_rows, d, generator=g), dim=-1)
+    bank = 3 * torch.randn(k, nb, d, generator=g)
+    valid = torch.rand(k, nb, generator=g) > 0.2
+    valid[:3] = False
+    umask = torch.rand(n_rows, k, generator=g) > 0.5
+    umask[:4] = False
+    umask[4:8, :3] = True
+    umask[4:8, 3:] = False  # rows whose concepts hold no valid entry
+    inv = 1.0 / bank.norm(dim=-1)
+    weight = torch.randn(n_rows, generator=g, dtype=torch.float64)
+    a64 = a.double().requires_grad_(True)
+    s = (a64 @ bank.double().reshape(-1, d).t()) * (inv.double().reshape(-1) / tau)
+    mask = (umask[:, :, None] & valid[None]).reshape(n_rows, -1)
+    ref = torch.logsumexp(s.masked_fill(~mask, float("-inf")), -1)
+    nonempty = mask.any(-1)
+    (torch.where(nonempty, ref, torch.zeros_like(ref)) * weight).sum().backward()
+    gscale = float(a64.grad.abs().max())
+    out: dict[str, Any] = {"sizes": {"rows": n_rows, "k": k, "b": nb, "d": d, "empty_rows": int((~nonempty).sum())}}
+    ok = True
+    for impl in ("torch", "triton"):
+        for dt in (torch.float32, torch.bfloat16):
+            key = f"{impl}_{str(dt).replace('torch.', '')}"
+            try:
+                resolve_impl(impl, device, dt)
+            except Exception as exc:
+                out[key] = {"skipped": _short_error(exc)}
+                continue
+            try:
+                ai = a.to(device=device, dtype=dt).detach().clone().requires_grad_(True)  # a fresh leaf
+                lse, ne = bank_logsumexp(ai, bank.to(device=device, dtype=dt), umask.to(device), valid.to(device),
+                                         inv.to(device), tau, impl=impl)
+                (lse * weight.to(device=device, dtype=lse.dtype)).sum().backward()
+                lse, ne, grad = lse.detach().cpu().double(), ne.cpu(), ai.grad.cpu().double()
+                lse_err = float((lse[nonempty] - ref[nonempty]).abs().max())
+                grad_err = float((grad - a64.grad).abs().max()) / gscale
+                tol = (1e-3, 1e-3) if dt == torch.float32 else (0.05, 0.03)
+                good = (torch.equal(ne, nonempty) and bool(torch.isfinite(lse).all()) and lse_err <= tol[0]
+                        and grad_err <= tol[1] and bool((grad[~nonempty] == 0).all()))
+                out[key] = {"lse_max_abs_err": lse_err, "grad_max_rel_err": grad_err, "tolerance": tol, "ok": good}
+                ok = ok and good
+            except Exception as exc:
+                out[key] = {"error": _short_error(exc), "trace": traceback.format_exc(limit=4)[-1500:]}
+                ok = False
+    out["ok"] = ok
+    return out
+
+
 def run_smoke(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Correctness smoke test: AMP Step-2 update (forward + backward), agreement, torch.compile of the head."""
     out: dict[str, Any] = {"device": str(device)}
@@ -746,8 +830,9 @@ def run_smoke(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
         out["agreement"] = {"error": _short_error(exc), "trace": traceback.format_exc(limit=4)[-1500:]}
     # AMP Step-2 update at a small size with causeseg.train.step2_update
     try:
-        from causeseg.bank import ConceptBank
+        from causeseg.bank import ConceptBank, storage_dtype
         from causeseg.contrastive import concept_distance
+        from causeseg.features import amp_dtype
         from causeseg.heads import make_teacher
         from causeseg.train import build_student, step2_update
 
@@ -764,7 +849,8 @@ def run_smoke(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
             student = build_student(cfg, c, h * w if head == "tr" else None).to(device)
             teacher = make_teacher(student)
             codebook = make_codebook(feats, b.k, 0)
-            bank = ConceptBank(b.k, b.bank_size, b.proj_dim, policy=cfg.step2.bank_policy).to(device)
+            bank = ConceptBank(b.k, b.bank_size, b.proj_dim, policy=cfg.step2.bank_policy,
+                               dtype=storage_dtype(amp_dtype(device, amp))).to(device)
             fill = fill_concept_bank(bank, b.k, b.bank_size, b.proj_dim, device, 0)
             opt = torch.optim.Adam(student.parameters(), lr=1e-3)
             before_s = [p.detach().clone() for p in student.parameters()]
@@ -782,6 +868,11 @@ def run_smoke(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
         out["step2_amp"] = rep
     except Exception as exc:
         out["step2_amp"] = {"error": _short_error(exc), "trace": traceback.format_exc(limit=4)[-1500:]}
+    try:
+        out["bank_lse"] = run_bank_lse_check(device, args.seed)
+    except Exception as exc:
+        out["bank_lse"] = {"ok": False, "error": _short_error(exc), "trace": traceback.format_exc(limit=4)[-1500:]}
+    print("[smoke] bank_lse:", json.dumps(out["bank_lse"]), flush=True)
     # torch.compile of the TR head (inference mode): output must match eager
     print("[smoke] agreement:", json.dumps(out["agreement"]), flush=True)
     print("[smoke] step2_amp:", json.dumps(out["step2_amp"]), flush=True)
@@ -866,9 +957,10 @@ def print_table(result: dict[str, Any]) -> None:
                     v = e.get(key)
                     return format(v, fmt) if isinstance(v, (int, float)) else "-"
 
+                bank = e.get("info", {}).get("bank_impl_resolved")
                 print(f"   {row:<17}{impl:<7}{f('step_ms', '11.2f')}{f('combined_ms', '12.2f')}"
                       f"{f('images_per_s', '9.2f')}{f('efficiency', '8.3f')}{f('x_backbone', '7.2f')}"
-                      f"{f('step_peak_delta_mb', '10.0f')}")
+                      f"{f('step_peak_delta_mb', '10.0f')}" + (f"  [bank: {bank}]" if bank else ""))
             if "naive_over_ours_step" in entry:
                 print(f"   {'':<17}{'':<7}naive/ours: step x{entry['naive_over_ours_step']}"
                       + (f", iteration x{entry['naive_over_ours_combined']}" if "naive_over_ours_combined" in entry else ""))
@@ -917,6 +1009,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--combined", default="measure", choices=["measure", "sum"],
                    help="backbone+step: measured in one loop, or the sum of the two (saves time on CPU)")
     p.add_argument("--sections", default="all", help=f"comma list of {','.join(ALL_SECTIONS)}; or all, ours, naive")
+    p.add_argument("--bank-impl", default=None, choices=["auto", "torch", "triton", "reference"],
+                   help="step2.bank_impl of the Step-2 sections (default: the config's, auto); step2_tr_ref always "
+                        "uses reference")
     p.add_argument("--loss-chunk", type=int, default=None,
                    help="anchors per chunk of the bank term (default: none when the logits fit, else bounded); 0 = none")
     p.add_argument("--section-budget", type=float, default=None, help="seconds per measurement (fewer iters beyond)")

@@ -82,6 +82,8 @@ class Step2Config:
     ema: float = 0.99
     grid: int = 4
     loss_chunk: int | None = None  # anchors per chunk for the bank log-sum-exp (memory bound)
+    # official-form bank log-sum-exp: auto (triton on CUDA, else torch) | torch | triton | reference (fp32, exact)
+    bank_impl: str = "auto"
 
 
 @dataclass
@@ -94,6 +96,9 @@ class Step3Config:
     epochs: int = 5
     lr: float = 1e-3
     tau: float = 0.1
+    gamma: float = 1.0  # modularity resolution (Reichardt-Bornholdt); 1 = official / Eq. 3
+    init: str = "uniform"  # uniform U(-1/C, 1/C) (official) | kmeans++ (seeded on head outputs)
+    init_tokens: int = 20000  # head-output tokens sampled for the kmeans++ init
     grid: int = 4
     dropout_active: bool = True  # official: the teacher head runs with dropout during Step 3
 
@@ -257,7 +262,9 @@ def validate(cfg: Config) -> None:
     choice("step2.loss_form", cfg.step2.loss_form, ("official", "paper"))
     choice("step2.feature_space", cfg.step2.feature_space, ("projection", "head"))
     choice("step2.bank_policy", cfg.step2.bank_policy, ("official", "paper"))
+    choice("step2.bank_impl", cfg.step2.bank_impl, ("auto", "torch", "triton", "reference"))
     choice("step3.learner", cfg.step3.learner, ("modularity", "kmeans"))
+    choice("step3.init", cfg.step3.init, ("uniform", "kmeans++"))
     choice("run.amp", cfg.run.amp, ("auto", "bf16", "fp16", "off"))
     choice("run.feature_cache", cfg.run.feature_cache, ("auto", "on", "off"))
     choice("run.lr_scaling", cfg.run.lr_scaling, ("none", "linear"))

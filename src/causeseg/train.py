@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import distributed as D
 from .bank import ConceptBank
+from .bank import storage_dtype as bank_storage_dtype
 from .centroids import CentroidLearner
 from .clusterbook import Clusterbook, Codebook, discretise
 from .config import Config, save_config
@@ -207,7 +208,8 @@ def step2_update(
         a = student.projection(ys)
         with torch.no_grad():
             z = teacher.projection(yt)
-    a, z = a.float(), z.float()
+    # a and z stay in the autocast dtype (bf16 under AMP): the bank term runs its matmuls in it; the loss
+    # upcasts what it needs (in-batch term, positives, log-sum-exps and the loss itself are fp32)
     z_all = D.all_gather_cat(z)  # the in-batch candidates are the global batch's teacher features
     q_all = D.all_gather_cat(qs)
     ctx = D.current()
@@ -218,7 +220,8 @@ def step2_update(
         a, z_all, qs, q_all, d_m,
         bank=bank.feats if (bank is not None and s.use_bank) else None,
         bank_valid=bank.valid_mask() if (bank is not None and s.use_bank) else None,
-        tau=s.tau, phi_pos=s.phi_pos, phi_neg=s.phi_neg, form=s.loss_form, chunk_size=s.loss_chunk, **kwargs,
+        tau=s.tau, phi_pos=s.phi_pos, phi_neg=s.phi_neg, form=s.loss_form, chunk_size=s.loss_chunk,
+        bank_impl=s.bank_impl, **kwargs,
     )
     # distributed: weight so the averaged gradient is that of the global mean over all ranks' terms
     objective = loss * D.global_mean_factor(stats["terms_used"]) if ctx.enabled else loss
@@ -262,7 +265,9 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
     codebook = book.prototypes.to(device)
     d_m = concept_distance(codebook)
     dim = s.projection_dim if s.feature_space == "projection" else s.reduced_dim
-    bank = ConceptBank(book.k, s.bank_size, dim, policy=s.bank_policy).to(device) if s.use_bank else None
+    bank = (ConceptBank(book.k, s.bank_size, dim, policy=s.bank_policy,
+                        dtype=bank_storage_dtype(amp_dtype(device, cfg.run.amp))).to(device)
+            if s.use_bank else None)
     bank_gen = torch.Generator(device=device).manual_seed(cfg.run.seed + 12345)  # same on every rank
     opt = torch.optim.Adam(student.parameters(), lr=_lr(s.lr, cfg, ctx), weight_decay=s.weight_decay)
     # fp16 needs loss scaling; bf16 and fp32 do not
@@ -291,6 +296,23 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
 # ---------------------------------------------------------------------------------------------
 # Step 3
 # ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _head_outputs(cfg: Config, teacher: Student, codebook: torch.Tensor, source: FeatureSource, h: int, w: int,
+                  limit: int, device) -> torch.Tensor:
+    """Up to ``limit`` EMA-head outputs at grid-sampled tokens of the training split (eval mode, label-free)."""
+    teacher.eval()
+    out, n = [], 0
+    for _, feats, idx in source.batches(cfg.step3.batch_size, 0, cfg.run.seed, shuffle=False):
+        with autocast_context(device, cfg.run.amp):
+            y = run_head(teacher.head, tokens(feats), codebook, (h, w))
+        grid = per_sample_grid(idx, h, w, cfg.step3.grid, seed=cfg.run.seed, stage="step3-init", epoch=0, device=device)
+        out.append(gather_tokens(y.float(), grid).reshape(-1, y.shape[-1]).cpu())
+        n += len(out[-1])
+        if n >= limit:
+            break
+    return torch.cat(out)[:limit]
+
+
 def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_dir: Path, device,
                 ctx: D.DistContext, stop_after: int | None = None, source: FeatureSource | None = None) -> torch.Tensor:
     s = cfg.step3
@@ -301,11 +323,14 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
     source = source or _source(cfg, backbone, s.resolution, run_dir, device, ctx)
     h, w = source.feature_shape[1:]
     gen = torch.Generator().manual_seed(cfg.run.seed + 3)
-    learner = CentroidLearner(cfg.data.num_classes, cfg.step2.reduced_dim, s.learner, s.tau, generator=gen).to(device)
+    learner = CentroidLearner(cfg.data.num_classes, cfg.step2.reduced_dim, s.learner, s.tau, generator=gen,
+                              gamma=s.gamma).to(device)
     lr = s.lr if s.learner == "modularity" else 5e-3
     opt = torch.optim.Adam(learner.parameters(), lr=_lr(lr, cfg, ctx))
     codebook = book.prototypes.to(device)
     teacher.requires_grad_(False)
+    if s.init == "kmeans++":  # same tokens on every rank (no shuffle, no sharding) -> same seeds
+        learner.init_from(_head_outputs(cfg, teacher, codebook, source, h, w, s.init_tokens, device), cfg.run.seed)
     torch.manual_seed(cfg.run.seed + 31 + 7919 * ctx.rank)
 
     def step(feats, idx, epoch):
