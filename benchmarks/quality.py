@@ -89,7 +89,8 @@ def main() -> None:
     ap.add_argument("--methods", default="kmeans,cause_mlp,cause_tr")
     ap.add_argument("--skip-transductive", action="store_true")
     ap.add_argument("--only-transductive", action="store_true", help="add the transductive checks to --out")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override for CAUSE runs")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config override (section.key=value), for CAUSE runs and, where it applies "
+                    "(backbone, resolution), for the k-means baseline")
     ap.add_argument("--work", default=str(ROOT / "runs" / "quality"), help="scratch folder for runs")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quality.json"))
     args = ap.parse_args()
@@ -113,7 +114,7 @@ def main() -> None:
             run_dir = work / method / f"seed{seed}"
             if method == "kmeans":
                 cfg = load_config("camvid_effnet_tr", [f"data.root={root / 'camvid'}", f"run.seed={seed}",
-                                                        "run.progress=false"])
+                                                        "run.progress=false", *args.overrides])
                 model = kmeans_baseline(cfg, seed, run_dir)
             else:
                 cfg = load_config(presets[method], [f"data.root={root / 'camvid'}", f"run.seed={seed}",

@@ -62,3 +62,27 @@ def test_centroid_learner_only_sees_detached_features():
     feats = torch.randn(2, 6, 4, requires_grad=True)
     learner.loss(feats).backward()
     assert feats.grad is None and learner.weight.grad is not None
+
+
+def test_kmeanspp_seeds_are_data_points_covering_separated_blobs():
+    from causeseg.centroids import kmeanspp_seeds
+
+    g = torch.Generator().manual_seed(3)
+    dirs = torch.eye(6)[:4]  # four orthogonal directions
+    x = torch.cat([d + 0.05 * torch.randn(50, 6, generator=g) for d in dirs])
+    seeds = kmeanspp_seeds(x, 4, seed=1)
+    xn = F.normalize(x, dim=1)
+    # every seed is one of the (normalised) tokens, and each blob gets exactly one seed
+    assert torch.allclose((seeds @ xn.t()).max(1).values, torch.ones(4), atol=1e-6)
+    assert sorted((seeds @ dirs.t()).argmax(1).tolist()) == [0, 1, 2, 3]
+    torch.testing.assert_close(kmeanspp_seeds(x, 4, seed=1), seeds)  # deterministic
+    with pytest.raises(ValueError, match="at least k"):
+        kmeanspp_seeds(x[:3], 4)
+
+
+def test_centroid_learner_init_from_data():
+    learner = CentroidLearner(3, 6, "modularity", generator=torch.Generator().manual_seed(0))
+    x = torch.randn(40, 6, generator=torch.Generator().manual_seed(2))
+    learner.init_from(x, seed=0)
+    assert torch.allclose(learner.weight.norm(dim=1), torch.ones(3), atol=1e-6)
+    assert torch.allclose((learner.weight @ F.normalize(x, dim=1).t()).max(1).values, torch.ones(3), atol=1e-6)

@@ -263,3 +263,31 @@ def test_gather_tokens():
     assert torch.equal(out[1, 0], x[1, 1]) and torch.equal(out[1, 1], x[1, 1])
     with pytest.raises(ValueError):
         gather_tokens(x, torch.tensor([0, 1]))
+
+
+def newman_q_gamma(a: torch.Tensor, labels: list[int], gamma: float) -> float:
+    """Reichardt-Bornholdt modularity (1/2m) sum_ij (A_ij - gamma k_i k_j / 2m) [c_i = c_j], by loops."""
+    n = a.shape[0]
+    deg = [sum(float(a[i, j]) for j in range(n)) for i in range(n)]
+    two_m = sum(deg)
+    return sum(float(a[i, j]) - gamma * deg[i] * deg[j] / two_m
+               for i in range(n) for j in range(n) if labels[i] == labels[j]) / two_m
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0, 1.7])
+def test_resolution_gamma_gives_reichardt_bornholdt_modularity(gamma):
+    g = torch.Generator().manual_seed(9)
+    n, k = 8, 3
+    a = random_affinity(n, g).unsqueeze(0)
+    labels = torch.randint(0, k, (n,), generator=g).tolist()
+    c = torch.nn.functional.one_hot(torch.tensor(labels), k).to(DT).unsqueeze(0)
+    w, e = modularity_matrix(a, gamma)
+    assert modularity_trace(w, e, c).item() == pytest.approx(newman_q_gamma(a[0], labels, gamma), abs=1e-12)
+    h = modularity_from_assignments(a, c, tau=0.5, gamma=gamma)
+    assert h.item() == pytest.approx(math.tanh(2.0) * newman_q_gamma(a[0], labels, gamma), abs=1e-12)
+    # the whole objective: gamma = 1 is the default (Eq. 3)
+    x, m = torch.randn(2, 6, 5, generator=g, dtype=DT), torch.randn(4, 5, generator=g, dtype=DT)
+    if gamma == 1.0:
+        torch.testing.assert_close(modularity_objective(x, m, gamma=gamma), modularity_objective(x, m))
+    else:
+        assert not torch.allclose(modularity_objective(x, m, gamma=gamma), modularity_objective(x, m))

@@ -30,16 +30,35 @@ def spherical_kmeans_loss(x: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
     return -(onehot * cos).sum(-1).mean()
 
 
+def kmeanspp_seeds(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """``k`` k-means++ seeds (cosine geometry) from ``x`` (n, r): the first uniformly, each next one
+    with probability proportional to its squared chordal distance ``2 - 2 cos`` to the nearest seed.
+    Deterministic for a given ``seed``; returns unit vectors (k, r)."""
+    x = F.normalize(x.detach().reshape(-1, x.shape[-1]).double(), dim=-1)
+    if len(x) < k:
+        raise ValueError(f"k-means++ needs at least k={k} tokens, got {len(x)}")
+    g = torch.Generator().manual_seed(seed)
+    idx = [int(torch.randint(len(x), (1,), generator=g))]
+    d2 = (2 - 2 * x @ x[idx[0]]).clamp_min(0)
+    for _ in range(1, k):
+        p = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / len(d2))
+        i = int(torch.multinomial(p, 1, generator=g))
+        idx.append(i)
+        d2 = torch.minimum(d2, (2 - 2 * x @ x[i]).clamp_min(0))
+    return x[idx].float()
+
+
 class CentroidLearner(nn.Module):
     """The learnable (C, r) centroids and their label-free loss."""
 
     def __init__(self, num_classes: int, dim: int, learner: str = "modularity", tau: float = 0.1,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, gamma: float = 1.0):
         super().__init__()
         if learner not in ("modularity", "kmeans"):
             raise ValueError(f"unknown centroid learner '{learner}'")
         self.learner = learner
         self.tau = tau
+        self.gamma = gamma
         w = torch.empty(num_classes, dim)
         if learner == "modularity":
             w.uniform_(-1.0 / num_classes, 1.0 / num_classes, generator=generator)  # official init
@@ -47,9 +66,19 @@ class CentroidLearner(nn.Module):
             w.normal_(generator=generator)
         self.weight = nn.Parameter(w)
 
+    @torch.no_grad()
+    def init_from(self, x: torch.Tensor, seed: int = 0) -> None:
+        """Seed the centroids from data: k-means++ (Arthur & Vassilvitskii 2007) on unit vectors.
+
+        ``x`` (n, r) detached head outputs. Uniform random centroids can start (or end) with a
+        negative cosine to every token; ``max(0, cos)`` then gives them no gradient and they stay
+        empty. Seeding on the data starts every centroid inside the data's cone.
+        """
+        self.weight.copy_(kmeanspp_seeds(x, self.weight.shape[0], seed).to(self.weight))
+
     def loss(self, sampled: torch.Tensor) -> torch.Tensor:
         """``sampled`` (B, n, r) detached head outputs at the sampled token positions."""
         sampled = sampled.detach()
         if self.learner == "modularity":
-            return -modularity_objective(sampled, self.weight, tau=self.tau, variant="code").mean()
+            return -modularity_objective(sampled, self.weight, tau=self.tau, variant="code", gamma=self.gamma).mean()
         return spherical_kmeans_loss(sampled, self.weight)
