@@ -105,3 +105,21 @@ def test_pipeline_flip_then_upsample_then_probs_shapes():
         p = cluster_probs(y, torch.randn(3, 4))
     assert p.shape == (1, 3, 16, 16)
     torch.testing.assert_close(p.sum(1), torch.ones(1, 16, 16))
+
+
+def test_predictor_scores_equal_the_batched_protocol_computed_by_hand():
+    """Predictor.scores upsamples one image at a time (memory); the result is the batched formula."""
+    from causeseg.model import CauseModel
+    from causeseg.predict import Predictor
+
+    torch.manual_seed(0)
+    backbone = nn.Conv2d(3, 6, 4, stride=4)
+    model = CauseModel(backbone, nn.Identity(), torch.zeros(1, 6), torch.randn(5, 6))
+    x = torch.rand(3, 3, 16, 20)
+    pred = Predictor(model, flip=False, alpha=2.5)
+    with torch.no_grad():
+        y = backbone(x)
+        up = torch.nn.functional.interpolate(y, size=(16, 20), mode="bilinear", align_corners=False)
+        ref = 2.5 * torch.einsum("brhw,cr->bchw", torch.nn.functional.normalize(up, dim=1),
+                                 torch.nn.functional.normalize(model.centroids, dim=1))
+    torch.testing.assert_close(pred.scores(x), ref, rtol=1e-5, atol=1e-5)

@@ -56,11 +56,15 @@ class Predictor:
 
     @torch.no_grad()
     def scores(self, images: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
-        """alpha * cos(upsampled head output, centroids): (B, C, H, W)."""
+        """alpha * cos(upsampled head output, centroids): (B, C, H, W).
+
+        The r-d head output is upsampled one image at a time: a whole batch of full-resolution
+        r-d maps (16 x 320 x 640 x 640 in fp32 is 8 GB) never exists, only the C-class scores.
+        """
         images = images.to(self.device)
         y = self.embed(images)
         size = size or tuple(images.shape[-2:])
-        return self.alpha * self.model.cosine(upsample(y, size))
+        return torch.cat([self.alpha * self.model.cosine(upsample(y[i:i + 1], size)) for i in range(len(y))])
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, crf: bool = False) -> Prediction:
