@@ -139,3 +139,27 @@ def test_model_roundtrip_and_predict_original_size(reference_run, camvid_subset,
         lab = Image.open(item["labels"])
         assert lab.size == (w, h)
         assert np.array(lab).max() < 11
+
+
+def test_step3_kmeanspp_init_seeds_centroids_on_head_outputs(reference_run, camvid_subset, tmp_path):
+    """step3.init=kmeans++ with lr 0: every centroid is the (unit) EMA-head output of a training token."""
+    from causeseg.model import CauseModel
+    from causeseg.train import build_split
+
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        (run / "artifacts").mkdir(parents=True)
+        for f in ("clusterbook.pt", "head.pt"):  # reuse Steps 1-2 of the reference run
+            shutil.copy(reference_run / "artifacts" / f, run / "artifacts" / f)
+        cfg = tiny_config(camvid_subset / "real", **{"step3.init": "kmeans++", "step3.lr": 0.0})
+        runs.append(CauseModel.load(train_all(cfg, run)))
+    model = runs[0]
+    assert torch.equal(model.centroids, runs[1].centroids)  # same seed, same seeds
+    ds = build_split(cfg, ".", 128, with_labels=False)
+    with torch.no_grad():
+        y = model.embed(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    y = torch.nn.functional.normalize(y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1]), dim=1)
+    best = (model.centroids @ y.t()).max(1).values
+    torch.testing.assert_close(best, torch.ones_like(best), rtol=0, atol=1e-4)
+    assert torch.linalg.matrix_rank(model.centroids) == len(model.centroids)  # distinct seeds
