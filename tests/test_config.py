@@ -40,6 +40,12 @@ def test_overrides_and_errors(tmp_path):
         load_config(None, ["step2.phi_pos=0.05"])
     with pytest.raises(ConfigError, match="no preset"):
         load_config("does_not_exist")
+    with pytest.raises(ConfigError, match="step3.init"):
+        load_config(None, ["step3.init=random"])
+    with pytest.raises(ConfigError, match="step3.gamma"):
+        load_config(None, ["step3.gamma=0"])
+    with pytest.raises(ConfigError, match="step2.bank_impl"):
+        load_config(None, ["step2.bank_impl=cuda"])
 
 
 def test_base_inheritance_and_roundtrip(tmp_path):

@@ -270,6 +270,11 @@ def validate(cfg: Config) -> None:
     choice("run.lr_scaling", cfg.run.lr_scaling, ("none", "linear"))
     if not 0 <= cfg.step2.phi_neg <= cfg.step2.phi_pos <= 1:
         raise ConfigError(f"need 0 <= phi_neg <= phi_pos <= 1, got {cfg.step2.phi_neg}, {cfg.step2.phi_pos}")
+    if cfg.step3.gamma <= 0:
+        raise ConfigError(f"step3.gamma (modularity resolution) must be > 0, got {cfg.step3.gamma}")
+    if cfg.step3.init_tokens < cfg.data.num_classes:
+        raise ConfigError(f"step3.init_tokens ({cfg.step3.init_tokens}) must be at least data.num_classes "
+                          f"({cfg.data.num_classes})")
     if cfg.step1.k < 2:
         raise ConfigError("step1.k must be at least 2")
     if cfg.data.num_classes < 2:
