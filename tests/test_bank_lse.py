@@ -94,7 +94,7 @@ def test_torch_impl_matches_brute_force(dtype, block_rows):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_torch_impl_exact_path(dtype, monkeypatch):
-    """When 2c exceeds the fixed-shift span (small tau, or forced here), the per-(row, concept) max path runs."""
+    """When 2c exceeds the fixed-shift span (small tau, or forced here), no fixed shift is used and the result stays exact."""
     a, bank, umask, valid, inv = make(1, dtype=dtype)
     if dtype == torch.float64:
         monkeypatch.setitem(bank_lse._MAX_SPAN, torch.float64, 1.0)

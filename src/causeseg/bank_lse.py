@@ -18,21 +18,21 @@ with ``p_ij = exp(s_ij - lse_i)`` on the mask. When ``a`` requires a gradient th
 ``grad_a_i = g_i * mean_i`` -- two matmul-sized passes in all (``a z^T`` and ``p z``) instead of three
 with a recomputing backward, and neither the logits nor ``p`` are kept (only ``mean`` and a bool ``(A,)``).
 
-Shift. ``c = max_i ||a_i|| * max_j ||z_j|| inv_norm_j / tau`` bounds every ``|s_ij|`` (``c = 1 / tau`` for
-normalised inputs), so ``e_ij = exp(s_ij - c)`` lies in ``[exp(-2c), 1]``: one pass gives
-``lse_i = c + log sum_j e_ij`` and ``mean_i = (sum_j e_ij z_j inv_norm_j / tau) / sum_j e_ij`` with no running
-maximum. When ``2c`` exceeds what the accumulation dtype represents (fp32: ``2c > 80``, i.e. ``tau < ~0.025``
-for normalised inputs; fp64: 1400) an exact path is used: per-(row, concept) maxima (torch) or an online
-maximum (Triton) for ``lse``, then a second pass with ``e_ij = exp(s_ij - lse_i)`` for ``mean``. fp16 weights
-always take the exact path (``exp(-2c)`` is below fp16's range; bf16 has fp32's exponent range).
+Shift (Triton). A tile of the Triton weights kernel cannot see its row's maximum, so it uses a fixed shift:
+``c = max_i ||a_i|| * max_j ||z_j|| inv_norm_j / tau`` bounds every ``|s_ij|`` (``c = 1 / tau`` for normalised
+inputs), so ``e_ij = exp(s_ij - c)`` lies in ``[exp(-2c), 1]`` and one pass gives ``lse_i = c + log sum_j e_ij``
+and ``mean_i = (sum_j e_ij z_j inv_norm_j / tau) / sum_j e_ij``. When ``2c`` exceeds what the accumulation
+dtype represents (fp32: ``2c > 80``, i.e. ``tau < ~0.025`` for normalised inputs; fp64: 1400), and always for
+fp16 weights, the streaming kernel's online maximum gives ``lse`` first and the weights use ``exp(s_ij - lse_i)``.
+The torch implementation needs no shift: each chunk holds whole rows, so it takes the exact row maximum.
 
 Two implementations behind one :class:`torch.autograd.Function` (gradient w.r.t. ``a`` only):
 
 * ``impl="torch"`` -- chunks of ``block_rows`` anchor rows: ``raw = a_rows @ z^T`` (one matmul; fp32 output
   on CUDA where ``torch.mm(out_dtype=)`` exists), ``s = raw * inv_norm / tau`` with ``valid`` as a
-  ``0 / -inf`` column bias fused in one ``addcmul``, ``exp``, then the row mask ``U[i, m]`` broadcast over
-  the ``(R, k, b)`` view (without a gradient it is applied to the ``(R, k)`` slot sums instead), the fp32
-  row sums, and ``w = e * inv_norm / tau`` cast to the compute dtype for ``w @ z``. (On the CPU, where
+  ``0 / -inf`` column bias fused in one ``addcmul``, the row mask ``U[i, m]`` broadcast over the ``(R, k, b)``
+  view, ``e = exp(s - row max)``, the fp32 row sums, and (with a gradient) ``w = e * inv_norm / tau`` cast to
+  the compute dtype for ``w @ z``. (On the CPU, where
   fp16/bf16 matmuls are emulated and slow, the rounded operands are multiplied in fp32.)
 * ``impl="triton"`` -- two Triton kernels (CUDA, or ``TRITON_INTERPRET=1`` on CPU tensors for testing):
   a flash-attention-style streaming kernel (tiles of ``BLOCK_M`` rows x ``BLOCK_N`` bank entries, a K-loop
@@ -159,10 +159,14 @@ def _shift_bound(a_c: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, valid:
 
 
 def _torch_lse_and_mean(a_c: torch.Tensor, z: torch.Tensor, umask: torch.Tensor, valid: torch.Tensor,
-                        scale: torch.Tensor, nb: int, rows_per_block: int, shift: float | None,
+                        scale: torch.Tensor, nb: int, rows_per_block: int,
                         want_mean: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Raw ``lse`` (``-inf`` for empty rows) and, if ``want_mean``, ``mean_i = sum_j p_ij z_j inv_norm_j / tau``
-    (= ``d lse_i / d a_i``; zero for empty rows), both in the accumulation dtype."""
+    (= ``d lse_i / d a_i``; zero for empty rows), both in the accumulation dtype.
+
+    A chunk holds all bank columns of its rows, so the row maximum is exact: one pass over the logits per chunk
+    gives ``e = exp(s - max)`` on the mask, ``lse = max + log sum e`` and ``mean = (e * scale) @ z / sum e``.
+    """
     n_rows, n_cols = a_c.shape[0], z.shape[0]
     k = n_cols // nb
     acc, cdt = scale.dtype, z.dtype
@@ -171,38 +175,19 @@ def _torch_lse_and_mean(a_c: torch.Tensor, z: torch.Tensor, umask: torch.Tensor,
     mean = torch.zeros(n_rows, z.shape[1], dtype=acc, device=dev) if want_mean else None
     zt = z.t()
     colbias = torch.zeros_like(scale).masked_fill_(~valid, float("-inf"))
-    if shift is None:  # exact path: per (row, concept) maxima; the mean needs a second pass with the final lse
-        for r0 in range(0, n_rows, rows_per_block):
-            r1 = min(n_rows, r0 + rows_per_block)
-            raw = _mm(a_c[r0:r1], zt, acc)
-            s = torch.addcmul(colbias, raw, scale, out=raw) if raw.dtype == acc else torch.addcmul(colbias, raw, scale)
-            del raw
-            s3 = s.view(r1 - r0, k, nb)
-            mx = s3.amax(-1)  # (R, k), -inf for concepts without a valid slot
-            mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))
-            e = s3.sub_(mx.unsqueeze(-1)).exp_().sum(-1)
-            t = (mx + e.log()).masked_fill(~umask[r0:r1], float("-inf"))
-            lse[r0:r1] = torch.logsumexp(t, -1)
-            del s, s3
-        if want_mean:
-            _torch_mean_given_lse(a_c, z, umask, colbias, scale, lse, nb, rows_per_block, mean)
-        return lse, mean
-    # fixed shift c >= |s|: exp(s - c) in [exp(-2c), 1]; one pass gives lse and (unnormalised) mean
-    bias = colbias - shift
     scale3 = scale.view(1, k, nb)
     for r0 in range(0, n_rows, rows_per_block):
         r1 = min(n_rows, r0 + rows_per_block)
-        u = umask[r0:r1]
         raw = _mm(a_c[r0:r1], zt, acc)  # (R, N); fp32 accumulation inside the matmul
-        s = torch.addcmul(bias, raw, scale, out=raw) if raw.dtype == acc else torch.addcmul(bias, raw, scale)
+        s = torch.addcmul(colbias, raw, scale, out=raw) if raw.dtype == acc else torch.addcmul(colbias, raw, scale)
         del raw
-        e3 = s.view(r1 - r0, k, nb).exp_()  # invalid slots: exp(-inf) = 0
-        if not want_mean:  # mask at concept level: (R, k) slot sums, then U
-            esum = e3.sum(-1)
-            total = torch.where(u, esum, torch.zeros_like(esum)).sum(-1)
-        else:
-            e3.mul_(u.unsqueeze(-1))
-            total = e3.sum((1, 2))
+        s3 = s.view(r1 - r0, k, nb).masked_fill_(~umask[r0:r1].unsqueeze(-1), float("-inf"))
+        mx = s3.amax((1, 2))
+        mx = torch.where(torch.isfinite(mx), mx, torch.zeros_like(mx))  # empty rows: e = 0 everywhere
+        e3 = s3.sub_(mx.view(-1, 1, 1)).exp_()
+        total = e3.sum((1, 2))
+        lse[r0:r1] = total.log() + mx  # empty rows: log(0) = -inf
+        if want_mean:
             if cdt == acc:
                 w = e3.mul_(scale3)
             else:
@@ -213,38 +198,8 @@ def _torch_lse_and_mean(a_c: torch.Tensor, z: torch.Tensor, umask: torch.Tensor,
             num = _mm(w.view(r1 - r0, n_cols), z, acc).to(acc)
             mean[r0:r1] = torch.where(total.unsqueeze(1) > 0, num / total.unsqueeze(1), torch.zeros_like(num))
             del w
-        lse[r0:r1] = total.log() + shift  # empty rows: log(0) = -inf
-        del s, e3
+        del s, s3, e3
     return lse, mean
-
-
-def _torch_mean_given_lse(a_c: torch.Tensor, z: torch.Tensor, umask: torch.Tensor, colbias: torch.Tensor,
-                          scale: torch.Tensor, lse: torch.Tensor, nb: int, rows_per_block: int,
-                          mean: torch.Tensor) -> None:
-    """``mean_i = sum_j exp(s_ij - lse_i) z_j inv_norm_j / tau`` over the mask, into ``mean`` (exact path)."""
-    n_rows, n_cols = a_c.shape[0], z.shape[0]
-    k = n_cols // nb
-    acc, cdt = scale.dtype, z.dtype
-    zt = z.t()
-    logbias = colbias + scale.log()  # w = exp(s - lse + log scale) = p * scale
-    finite = torch.isfinite(lse)
-    for r0 in range(0, n_rows, rows_per_block):
-        r1 = min(n_rows, r0 + rows_per_block)
-        keep = umask[r0:r1] & finite[r0:r1].unsqueeze(1)  # (R, k)
-        if not bool(keep.any()):
-            continue
-        raw = _mm(a_c[r0:r1], zt, acc)
-        s = torch.addcmul(logbias, raw, scale, out=raw) if raw.dtype == acc else torch.addcmul(logbias, raw, scale)
-        del raw
-        rb = torch.where(keep, -lse[r0:r1].unsqueeze(1), torch.full((), float("-inf"), dtype=acc, device=s.device))
-        w = s.view(r1 - r0, k, nb).add_(rb.unsqueeze(-1)).exp_()
-        del s
-        if cdt != acc:
-            w = w.to(cdt)
-            if cdt == torch.float16:
-                w.nan_to_num_(posinf=torch.finfo(cdt).max)
-        mean[r0:r1] = _mm(w.view(r1 - r0, n_cols), z, acc).to(acc)
-        del w
 
 
 # ----------------------------------------------------------------------------------------------- triton impl
@@ -426,11 +381,11 @@ class _BankLSE(torch.autograd.Function):
         a_c = a.detach().to(z.dtype).contiguous()
         want_mean = bool(ctx.needs_input_grad[0])
         rows = _block_rows(block_rows, z.shape[0], a.device)
-        shift = _shift_bound(a_c, z, scale, valid_flat)
-        if want_mean and z.dtype == torch.float16:
-            # fp16 weights exp(s - c) * inv_norm / tau would underflow (min 6e-8 vs exp(-2c)): normalise by lse first
-            shift = None
-        if impl == "triton":
+        if impl == "triton":  # a tile cannot see its row's maximum: a fixed shift where it is safe
+            shift = _shift_bound(a_c, z, scale, valid_flat)
+            if want_mean and z.dtype == torch.float16:
+                # fp16 weights exp(s - c) * inv_norm / tau would underflow (min 6e-8 vs exp(-2c)): normalise by lse
+                shift = None
             if block_rows is None:  # only w (compute dtype) is stored: more rows fit the budget
                 rows = max(1, rows * 4 // z.element_size())
             raw, mean = _triton_lse_and_mean(a_c, z, umask.to(torch.uint8).contiguous(),
@@ -440,7 +395,7 @@ class _BankLSE(torch.autograd.Function):
         else:
             if z.device.type == "cpu" and z.dtype in (torch.float16, torch.bfloat16) and not _CPU_LOWP_MATMUL:
                 a_c, z = a_c.to(acc), z.to(acc)  # the values stay fp16/bf16-rounded
-            raw, mean = _torch_lse_and_mean(a_c, z, umask, valid_flat, scale, nb, rows, shift, want_mean)
+            raw, mean = _torch_lse_and_mean(a_c, z, umask, valid_flat, scale, nb, rows, want_mean)
         placeholder = math.log(torch.finfo(acc).tiny)
         lse = torch.where(nonempty, raw, torch.full_like(raw, placeholder))
         if want_mean:
