@@ -31,21 +31,18 @@ def spherical_kmeans_loss(x: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
 
 
 def kmeanspp_seeds(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
-    """``k`` k-means++ seeds (cosine geometry) from ``x`` (n, r): the first uniformly, each next one
-    with probability proportional to its squared chordal distance ``2 - 2 cos`` to the nearest seed.
-    Deterministic for a given ``seed``; returns unit vectors (k, r)."""
+    """``k`` k-means++ seeds (scikit-learn's ``kmeans_plusplus``) of the unit vectors of ``x`` (n, r).
+
+    On unit vectors the squared Euclidean distance is ``2 - 2 cos``, so this is k-means++ in the cosine
+    geometry the centroids are used in. Deterministic for a given ``seed``; returns unit vectors (k, r).
+    """
+    from sklearn.cluster import kmeans_plusplus
+
     x = F.normalize(x.detach().reshape(-1, x.shape[-1]).double(), dim=-1)
     if len(x) < k:
         raise ValueError(f"k-means++ needs at least k={k} tokens, got {len(x)}")
-    g = torch.Generator().manual_seed(seed)
-    idx = [int(torch.randint(len(x), (1,), generator=g))]
-    d2 = (2 - 2 * x @ x[idx[0]]).clamp_min(0)
-    for _ in range(1, k):
-        p = d2 / d2.sum() if float(d2.sum()) > 0 else torch.full_like(d2, 1.0 / len(d2))
-        i = int(torch.multinomial(p, 1, generator=g))
-        idx.append(i)
-        d2 = torch.minimum(d2, (2 - 2 * x @ x[i]).clamp_min(0))
-    return x[idx].float()
+    _, idx = kmeans_plusplus(x.cpu().numpy(), n_clusters=k, random_state=seed)
+    return x[torch.from_numpy(idx)].float()
 
 
 class CentroidLearner(nn.Module):

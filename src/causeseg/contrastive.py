@@ -35,8 +35,8 @@ entries), and its log-sum-exp over ``Pos_i u Neg_i`` is computed by
 :func:`causeseg.bank_lse.bank_logsumexp` (``bank_impl="auto" | "torch" | "triton"``): the mask is
 structured (``U[i, m] = Pos u Neg`` at concept level times ``valid[m, slot]``) and never built as an
 ``(A, k*b)`` tensor, the logits are produced chunk by chunk (Triton: tile by tile) by matmuls in the
-anchors' dtype (bf16 under AMP) with fp32 accumulation and an fp32 log-sum-exp, and only the anchors and
-the ``(A,)`` log-sum-exps are kept for the backward pass, which recomputes the logits.
+anchors' dtype (bf16 under AMP) with fp32 accumulation and an fp32 log-sum-exp; the same pass yields the
+gradient ``d lse_i / d a_i`` (an ``(A, d)`` tensor), so nothing logit-sized is kept for the backward pass.
 ``bank_impl="reference"`` keeps the plain fp32 masked log-sum-exp over materialised logits for comparison
 (tests check both agree in value and gradient).
 """
