@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from causeseg.heads import (MLPHead, ProjectionHead, TRHead, concept_queries, ema_update, interpolate_pos,
+from causeseg.heads import (MLPHead, ProjectionHead, TRHead, concept_queries, ema_decay, ema_update, interpolate_pos,
                             make_teacher)
 
 C, R, FFN = 8, 5, 16
@@ -227,6 +227,30 @@ def test_make_teacher_and_ema_update_exact():
     with torch.no_grad():
         student.lin.weight.add_(100.0)
     assert torch.allclose(teacher.lin.weight, hand["lin.weight"])
+
+
+def test_ema_decay_constant_and_mean_teacher_ramp():
+    assert [ema_decay(t, 0.99) for t in (0, 1, 500)] == [0.99, 0.99, 0.99]
+    assert [ema_decay(t, 0.99, warmup=True) for t in (0, 1, 3, 98, 99, 100, 10_000)] == [
+        0.0, 0.5, 0.75, 1 - 1 / 99, 0.99, 0.99, 0.99]
+    with pytest.raises(ValueError, match="step"):
+        ema_decay(-1, 0.99, warmup=True)
+
+
+def test_ema_warmup_teacher_is_running_mean_of_students():
+    """With the ramp, after n <= 100 updates the teacher is the plain mean of the n student states."""
+    torch.manual_seed(0)
+    student = _WithBuffer()
+    teacher = make_teacher(student)
+    with torch.no_grad():
+        teacher.lin.weight.fill_(1e6)  # the initial teacher must drop out entirely
+    states = []
+    for step in range(7):
+        with torch.no_grad():
+            student.lin.weight.copy_(torch.randn_like(student.lin.weight))
+        states.append(student.lin.weight.detach().clone())
+        ema_update(teacher, student, ema_decay(step, 0.99, warmup=True))
+        assert torch.allclose(teacher.lin.weight, torch.stack(states).mean(0), rtol=0, atol=1e-9), step
 
 
 def test_ema_update_on_tr_head_includes_pos_and_rejects_mismatch():

@@ -54,7 +54,7 @@ def tiny_config(root: Path, dataset: str = "paired", head: str = "tr", **extra):
         "step1.k=32", "step1.resolution=128", "step1.batch_size=4", "step1.epochs=1", "step1.lr=0.01",
         f"step2.head={head}", "step2.resolution=128", "step2.batch_size=4", "step2.epochs=2",
         "step2.projection_dim=64", "step2.ffn_dim=64", "step2.reduced_dim=16", "step2.bank_size=8",
-        "step2.phi_pos=0.2",
+        "step2.phi_pos=0.2", "step2.ema_warmup=true",  # the resume test then covers the EMA step counter
         "step3.resolution=128", "step3.batch_size=4", "step3.epochs=2",
         "eval.resolution=128", "run.progress=false", "run.checkpoint_every=1",
     ]

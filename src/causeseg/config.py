@@ -80,6 +80,7 @@ class Step2Config:
     bank_policy: str = "official"  # official (keep half of new, FIFO) | paper (discard half, add half)
     use_bank: bool = True
     ema: float = 0.99
+    ema_warmup: bool = False  # mean-teacher ramp min(ema, 1 - 1/(t+1)); off = official constant decay
     grid: int = 4
     loss_chunk: int | None = None  # anchors per chunk for the bank log-sum-exp (memory bound)
     # official-form bank log-sum-exp: auto (triton on CUDA, else torch) | torch | triton | reference (fp32, exact)

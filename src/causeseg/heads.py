@@ -34,6 +34,7 @@ __all__ = [
     "concept_queries",
     "interpolate_pos",
     "make_teacher",
+    "ema_decay",
     "ema_update",
 ]
 
@@ -237,6 +238,23 @@ def make_teacher(module: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def ema_decay(step: int, decay: float, warmup: bool = False) -> float:
+    """EMA decay of the ``step``-th teacher update (0-based).
+
+    Without warm-up it is the constant ``decay`` (official: 0.99 per iteration, reference §6.8). With
+    warm-up it is the mean-teacher ramp ``min(decay, 1 - 1/(step + 1))`` (Tarvainen & Valpola, 2017): the
+    first update copies the student and the teacher is the running mean of all student states until
+    the ramp reaches ``decay`` (step 99 for 0.99). A constant 0.99 leaves ``0.99**n`` of the random
+    initialisation in the teacher after ``n`` updates, half of it after 69; official schedules run
+    thousands of iterations, short ones on small data sets do not.
+    """
+    if step < 0:
+        raise ValueError(f"ema_decay: step must be >= 0, got {step}")
+    if not warmup:
+        return decay
+    return min(decay, 1.0 - 1.0 / (step + 1))
 
 
 @torch.no_grad()

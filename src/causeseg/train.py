@@ -26,7 +26,7 @@ from .clusterbook import Clusterbook, Codebook, discretise
 from .config import Config, save_config
 from .contrastive import assign_concepts, concept_contrastive_loss, concept_distance
 from .features import FeatureSource, amp_dtype, autocast_context
-from .heads import ProjectionHead, ema_update, make_teacher
+from .heads import ProjectionHead, ema_decay, ema_update, make_teacher
 from .loop import LoopSpec, run_loop
 from .model import CauseModel, build_head, run_head, tokens
 from .modularity import gather_tokens, modularity_objective
@@ -86,6 +86,19 @@ def _optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, params) -> dict[st
     D.average_gradients(params)
     opt.step()
     return {"loss": loss.item()}
+
+
+class _Counter:
+    """An integer with a state_dict, checkpointed with the loop (e.g. the number of EMA updates done)."""
+
+    def __init__(self, value: int = 0):
+        self.value = value
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = int(state["value"])
 
 
 class _ModuleState:
@@ -184,9 +197,13 @@ def build_student(cfg: Config, in_dim: int, num_queries: int | None) -> Student:
 def step2_update(
     cfg: Config, student: Student, teacher: Student, bank: ConceptBank | None, codebook: torch.Tensor,
     d_m: torch.Tensor, feats: torch.Tensor, idx: torch.Tensor, epoch: int, opt: torch.optim.Optimizer,
-    bank_gen: torch.Generator, device, scaler=None,
+    bank_gen: torch.Generator, device, scaler=None, ema_step: int = 0,
 ) -> dict[str, float]:
-    """One Step-2 iteration: heads, anchors, concept-wise contrastive loss, update, EMA, bank."""
+    """One Step-2 iteration: heads, anchors, concept-wise contrastive loss, update, EMA, bank.
+
+    ``ema_step`` is the number of EMA updates done before this one (it sets the decay under
+    ``step2.ema_warmup``).
+    """
     s = cfg.step2
     b, c, h, w = feats.shape
     t = tokens(feats)
@@ -237,7 +254,7 @@ def step2_update(
         scaler.update()
     else:
         opt.step()
-    ema_update(teacher, student, s.ema)
+    ema_update(teacher, student, ema_decay(ema_step, s.ema, s.ema_warmup))
     if bank is not None and s.use_bank:
         bank.update(q_all.reshape(-1), z_all.reshape(-1, z_all.shape[-1]).to(bank.feats.dtype), generator=bank_gen)
     out = {"loss": float(loss.item())}
@@ -273,11 +290,15 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
     # fp16 needs loss scaling; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type) if amp_dtype(device, cfg.run.amp) == torch.float16 else None
 
-    def step(feats, idx, epoch):
-        return step2_update(cfg, student, teacher, bank, codebook, d_m, feats, idx, epoch, opt, bank_gen, device,
-                            scaler)
+    ema_steps = _Counter()
 
-    objs: dict[str, Any] = dict(student=student, teacher=teacher, opt=opt, bank_gen=bank_gen)
+    def step(feats, idx, epoch):
+        out = step2_update(cfg, student, teacher, bank, codebook, d_m, feats, idx, epoch, opt, bank_gen, device,
+                           scaler, ema_step=ema_steps.value)
+        ema_steps.value += 1
+        return out
+
+    objs: dict[str, Any] = dict(student=student, teacher=teacher, opt=opt, bank_gen=bank_gen, ema_steps=ema_steps)
     if bank is not None:
         objs["bank"] = bank
     spec = LoopSpec("step2", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step2.pt",
