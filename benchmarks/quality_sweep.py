@@ -8,6 +8,7 @@ what separates "high pixel accuracy, capped mIoU" (few big clusters) from balanc
     python benchmarks/quality_sweep.py                       # every setting (about 1 h on 2 cores)
     python benchmarks/quality_sweep.py --only tr,tr_phi50    # a subset
     python benchmarks/quality_sweep.py --list
+    python benchmarks/quality_sweep.py --only tr_ema_warmup --seed 1   # stored as "tr_ema_warmup@seed1"
 
 Settings that change the backbone geometry (feature stride, resolution) carry their own k-means
 baseline, since the baseline sees the same features. Step-3-only settings reuse the trained
@@ -51,11 +52,20 @@ SETTINGS: dict[str, tuple[str, list[str], str, str | None]] = {
     "tr_step3_kmeanspp": ("cause_tr", ["step3.init=kmeans++"], "Step-3 centroids seeded by k-means++ on head outputs",
                           "tr"),
     "tr_step3_gamma1.1": ("cause_tr", ["step3.gamma=1.1"], "Step-3 modularity resolution 1.1", "tr"),
+    "tr_step3_gamma1.5": ("cause_tr", ["step3.gamma=1.5"], "Step-3 modularity resolution 1.5", "tr"),
     "tr_step3_gamma2": ("cause_tr", ["step3.gamma=2.0"], "Step-3 modularity resolution 2 (null model dominates)",
                         "tr"),
     "tr_step3_grid2": ("cause_tr", ["step3.grid=2"], "Step 3 samples one token per 2x2 window (4x the tokens)",
                        "tr"),
     "tr_step3_kmeans": ("cause_tr", ["step3.learner=kmeans"], "Step 3 with the STEGO/HP cluster probe", "tr"),
+    "tr_ema_warmup": ("cause_tr", ["step2.ema_warmup=true"],
+                      "EMA teacher with the mean-teacher warm-up (66 Step-2 iterations leave 51 % of the random "
+                      "init in a constant-0.99 teacher)", None),
+    "tr_ema_warmup_s1ep10": ("cause_tr", ["step2.ema_warmup=true", "step1.epochs=10"],
+                             "EMA warm-up and 10 Step-1 epochs (220 clusterbook iterations instead of 44)", None),
+    "tr_untrained": ("cause_tr", ["step2.epochs=0"],
+                     "no Step-2 training: Step 3 clusters the output of the randomly initialised TR head", None),
+    "mlp_ema_warmup": ("cause_mlp", ["step2.ema_warmup=true"], "CAUSE-MLP with the EMA warm-up", None),
     "kmeans_s32_640": ("kmeans", S32, "baseline on stride-32 features at 640 px (20x20 tokens)", None),
     "tr_s32_640": ("cause_tr", S32, "CAUSE-TR on stride-32 features at 640 px", None),
 }
@@ -69,9 +79,14 @@ def cluster_usage(metrics_path: Path) -> tuple[int, list[float]]:
     return int((use > 0.01).sum()), [round(float(x) * 100, 1) for x in d["per_class_iou"]]
 
 
+def result_key(name: str, seed: int) -> str:
+    """Results (and run folders) of seed 0 go under the setting's name, other seeds under ``name@seedN``."""
+    return name if seed == 0 else f"{name}@seed{seed}"
+
+
 def run_setting(name: str, work: Path, root: Path, seed: int) -> dict:
     method, overrides, what, reuse = SETTINGS[name]
-    run_dir = work / name
+    run_dir = work / result_key(name, seed)
     base = [f"data.root={root / 'camvid'}", f"run.seed={seed}", "run.progress=false", *overrides]
     t0 = time.perf_counter()
     if method == "kmeans":
@@ -80,7 +95,7 @@ def run_setting(name: str, work: Path, root: Path, seed: int) -> dict:
     else:
         cfg = load_config(PRESETS[method], base)
         if reuse is not None:  # a fresh Step 3 on the clusterbook and head of another setting
-            src = work / reuse / "artifacts"
+            src = work / result_key(reuse, seed) / "artifacts"
             if not (src / "head.pt").exists():
                 raise SystemExit(f"{name}: run the setting '{reuse}' first (its head is reused)")
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -117,13 +132,13 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
     results.setdefault("protocol", "camvid train -> val, 11 classes (void ignored), EfficientNet-Lite0, "
-                                   "no CRF, one seed; per_class_iou in CamVid class order")
+                                   "no CRF, seed 0 unless the key says @seedN; per_class_iou in CamVid class order")
     results.setdefault("settings", {})
     for name in names:
         r = run_setting(name, Path(args.work), root, args.seed)
         print(f"{name}: miou {r['miou']:.1f} pacc {r['pacc']:.1f} clusters>1% {r['clusters_over_1pct']} "
               f"iou {r['per_class_iou']}", flush=True)
-        results["settings"][name] = r
+        results["settings"][result_key(name, args.seed)] = r
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({n: {"miou": round(r["miou"], 2), "pacc": round(r["pacc"], 2),
