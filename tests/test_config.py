@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,27 @@ def test_overrides_and_errors(tmp_path):
         load_config(None, ["step3.gamma=0"])
     with pytest.raises(ConfigError, match="step2.bank_impl"):
         load_config(None, ["step2.bank_impl=cuda"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("step2.epochs=abc", "step2.epochs='abc' must be of type int"),
+    ("step2.epochs=2.5", "must be of type int"),
+    ("step2.ema_warmup=1", "step2.ema_warmup=1 must be of type bool"),
+    ("step2.use_bank=maybe", "must be of type bool"),
+    ("step2.lr=fast", "step2.lr='fast' must be of type float"),
+    ("step2.loss_chunk=x", "step2.loss_chunk='x' must be of type int"),
+    ("backbone.options=3", "must be of type dict"),
+])
+def test_values_are_type_checked(override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, [override])
+
+
+def test_numbers_convert_to_float_fields_and_none_passes_optional():
+    cfg = load_config(None, ["step2.lr=1e-3", "step2.tau=1", "step2.loss_chunk=null", "run.seed=3"])
+    assert cfg.step2.lr == 1e-3 and isinstance(cfg.step2.lr, float)
+    assert cfg.step2.tau == 1.0 and isinstance(cfg.step2.tau, float)
+    assert cfg.step2.loss_chunk is None and cfg.run.seed == 3
 
 
 def test_base_inheritance_and_roundtrip(tmp_path):

@@ -8,6 +8,8 @@ configuration is written into every run directory so that a run can be repeated 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -184,6 +186,37 @@ def _coerce(value: str) -> Any:
 _ON_OFF = {("run", "amp"), ("run", "feature_cache")}
 
 
+def _typed(name: str, value: Any, hint: Any, source: str) -> Any:
+    """``value`` checked against the field's annotation; for a float an int or a numeric string is converted."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in (o for o in options if o is not type(None)):
+            try:
+                return _typed(name, value, opt, source)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise errors[0]
+    base = origin or hint
+    if base is float and isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str),
+          dict: lambda v: isinstance(v, dict)}.get(base, lambda v: True)
+    if not ok(value):
+        want = getattr(hint, "__name__", str(hint))
+        raise ConfigError(f"{source}: {name}={value!r} must be of type {want}")
+    return float(value) if base is float else value
+
+
 def _from_dict(data: dict, source: str) -> Config:
     cfg = Config()
     valid = {f.name: f for f in fields(Config)}
@@ -194,12 +227,13 @@ def _from_dict(data: dict, source: str) -> Config:
             raise ConfigError(f"{source}: section '{section}' must be a mapping")
         obj = getattr(cfg, section)
         names = {f.name for f in fields(obj)}
+        hints = typing.get_type_hints(type(obj))
         for key, value in values.items():
             if (section, key) in _ON_OFF and isinstance(value, bool):
                 value = "on" if value else "off"
             if key not in names:
                 raise ConfigError(f"{source}: unknown key '{section}.{key}' (known: {', '.join(sorted(names))})")
-            setattr(obj, key, value)
+            setattr(obj, key, _typed(f"{section}.{key}", value, hints[key], source))
     return cfg
 
 
