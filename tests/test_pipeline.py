@@ -116,6 +116,22 @@ def test_interrupt_and_resume_gives_same_result(camvid_subset, reference_run, tm
     assert_identical(artifacts(reference_run), artifacts(run))
 
 
+def test_resume_from_incomplete_checkpoint_names_file_and_missing_state(camvid_subset, tmp_path):
+    run = tmp_path / "old"
+    cfg = tiny_config(camvid_subset / "real")
+    with pytest.raises(TrainingInterrupted):
+        train_all(cfg, run, stop_after={"step2": 1})
+    path = run / "checkpoints" / "step2.pt"
+    ck = torch.load(path, weights_only=False)
+    del ck["state"]["step2"]["ema_steps"]  # as written before the EMA step counter existed
+    torch.save(ck, path)
+    with pytest.raises(RuntimeError, match=r"step2\.pt: cannot resume 'step2'.*ema_steps.*delete the checkpoint"):
+        train_all(cfg, run)
+    path.unlink()  # the remedy the message names
+    train_all(cfg, run)
+    assert (run / "artifacts" / "head.pt").exists()
+
+
 def test_model_roundtrip_and_predict_original_size(reference_run, camvid_subset, tmp_path):
     from causeseg.model import CauseModel
     from causeseg.predict import Predictor, predict_folder

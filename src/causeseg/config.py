@@ -36,7 +36,7 @@ class DataConfig:
     crop: str = "none"  # training crops: none, five, ten, double, super
     mode: str | None = None  # protocol geometry: center (default) or squash (VOC)
     num_classes: int = 11
-    label_spec: dict[str, Any] | None = None  # custom label map for 'paired'
+    label_spec: str | dict[str, Any] | None = None  # label map: a preset name (camvid11, ...) or a spec dict
     on_error: str = "raise"  # raise | skip (bad files are skipped and reported)
     num_workers: int = 0
 

@@ -140,7 +140,11 @@ def run_loop(
         saved_world = int(ck.get("world_size", 1))
         lrs = {key: [[g["lr"] for g in o.param_groups] for o in _optimizers(obj)] for key, obj in state.items()}
         for key, obj in state.items():
-            obj.load_state_dict(ck["state"][key])
+            try:
+                obj.load_state_dict(ck["state"][key])
+            except KeyError as exc:
+                raise RuntimeError(f"{spec.checkpoint}: cannot resume '{key}': {exc.args[0] if exc.args else exc}; "
+                                   f"delete the checkpoint to restart this step") from exc
         epoch, global_step = int(ck["epoch"]), int(ck["global_step"])
         if "offset" in ck:
             offset = int(ck["offset"])

@@ -114,6 +114,9 @@ class _ModuleState:
         return out
 
     def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.objs) - set(state))
+        if missing:
+            raise KeyError(f"no state for {missing} (has {sorted(state)}): written by an older causeseg?")
         for k, v in self.objs.items():
             if isinstance(v, torch.Generator):
                 v.set_state(state[k])
