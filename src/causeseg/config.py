@@ -275,6 +275,8 @@ def load_config(preset: str | Path | None = None, overrides: list[str] | None = 
         for part in parts[:-1]:
             node = node.setdefault(part, {})
         node[parts[-1]] = _coerce(value)
+    if overrides:
+        source += " with overrides"
     cfg = _from_dict(data, source)
     validate(cfg)
     return cfg
