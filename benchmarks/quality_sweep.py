@@ -63,6 +63,8 @@ SETTINGS: dict[str, tuple[str, list[str], str, str | None]] = {
                       "init in a constant-0.99 teacher)", None),
     "tr_ema_warmup_s1ep10": ("cause_tr", ["step2.ema_warmup=true", "step1.epochs=10"],
                              "EMA warm-up and 10 Step-1 epochs (220 clusterbook iterations instead of 44)", None),
+    "tr_step1_kmeanspp": ("cause_tr", ["step1.method=kmeans++"],
+                          "clusterbook by k-means++ on backbone tokens (the paper's Table-4 discretiser ablation)", None),
     "tr_untrained": ("cause_tr", ["step2.epochs=0"],
                      "no Step-2 training: Step 3 clusters the output of the randomly initialised TR head", None),
     "mlp_ema_warmup": ("cause_mlp", ["step2.ema_warmup=true"], "CAUSE-MLP with the EMA warm-up", None),
