@@ -93,12 +93,14 @@ def _optimizers(obj: Any) -> list[torch.optim.Optimizer]:
 
 def run_loop(
     spec: LoopSpec,
-    step_fn: Callable[[torch.Tensor, torch.Tensor, int], dict[str, float]],
+    step_fn: Callable[[torch.Tensor, torch.Tensor, int, int], dict[str, float]],
     state: dict[str, Stateful],
     *,
     stop_after: int | None = None,
 ) -> dict[str, Any]:
-    """Run ``step_fn(features, indices, epoch) -> stats`` over ``spec.epochs`` epochs.
+    """Run ``step_fn(features, indices, epoch, global_step) -> stats`` over ``spec.epochs`` epochs.
+
+    ``global_step`` is the number of steps done before this one (restored on resume).
 
     A step is one *global* batch of ``batch_size x world_size`` samples (each rank gets its
     contiguous block of ``batch_size``). Resumes from ``spec.checkpoint`` if it exists.
@@ -199,7 +201,7 @@ def run_loop(
         n_steps = spec.source.steps_per_epoch(spec.batch_size, ctx, offset)
         batches = spec.source.batches(spec.batch_size, epoch, spec.seed, offset=offset, ctx=ctx)
         for i, (_, feats, idx) in enumerate(batches):
-            stats = step_fn(feats, idx, epoch)
+            stats = step_fn(feats, idx, epoch, global_step)
             global_step += 1
             steps_done += 1
             images += feats.shape[0] * ctx.world_size

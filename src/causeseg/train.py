@@ -88,19 +88,6 @@ def _optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, params) -> dict[st
     return {"loss": loss.item()}
 
 
-class _Counter:
-    """An integer with a state_dict, checkpointed with the loop (e.g. the number of EMA updates done)."""
-
-    def __init__(self, value: int = 0):
-        self.value = value
-
-    def state_dict(self) -> dict:
-        return {"value": self.value}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.value = int(state["value"])
-
-
 class _ModuleState:
     """Adapter giving a (module, optimiser, bank, generator) set a single state_dict."""
 
@@ -153,7 +140,7 @@ def train_step1(cfg: Config, backbone, run_dir: Path, device, ctx: D.DistContext
         opt = torch.optim.Adam(codebook.parameters(), lr=_lr(s.lr, cfg, ctx))
         h, w = source.feature_shape[1:]
 
-        def step(feats, idx, epoch):
+        def step(feats, idx, epoch, _global_step):
             x = gather_tokens(tokens(feats), per_sample_grid(idx, h, w, s.grid, seed=cfg.run.seed, stage="step1",
                                                              epoch=epoch, device=device))
             loss = -modularity_objective(x.float(), codebook.weight, tau=s.tau, variant=s.variant).mean()
@@ -293,15 +280,11 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
     # fp16 needs loss scaling; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type) if amp_dtype(device, cfg.run.amp) == torch.float16 else None
 
-    ema_steps = _Counter()
+    def step(feats, idx, epoch, global_step):  # one EMA update per step: global_step counts the ones done
+        return step2_update(cfg, student, teacher, bank, codebook, d_m, feats, idx, epoch, opt, bank_gen, device,
+                            scaler, ema_step=global_step)
 
-    def step(feats, idx, epoch):
-        out = step2_update(cfg, student, teacher, bank, codebook, d_m, feats, idx, epoch, opt, bank_gen, device,
-                           scaler, ema_step=ema_steps.value)
-        ema_steps.value += 1
-        return out
-
-    objs: dict[str, Any] = dict(student=student, teacher=teacher, opt=opt, bank_gen=bank_gen, ema_steps=ema_steps)
+    objs: dict[str, Any] = dict(student=student, teacher=teacher, opt=opt, bank_gen=bank_gen)
     if bank is not None:
         objs["bank"] = bank
     spec = LoopSpec("step2", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step2.pt",
@@ -357,7 +340,7 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
         learner.init_from(_head_outputs(cfg, teacher, codebook, source, h, w, s.init_tokens, device), cfg.run.seed)
     torch.manual_seed(cfg.run.seed + 31 + 7919 * ctx.rank)
 
-    def step(feats, idx, epoch):
+    def step(feats, idx, epoch, _global_step):
         teacher.train(s.dropout_active)
         with torch.no_grad(), autocast_context(device, cfg.run.amp):
             y = run_head(teacher.head, tokens(feats), codebook, (h, w))
