@@ -5,7 +5,7 @@ EfficientNet-Lite0), like ``benchmarks/quality.py``. Besides mIoU / pixel accura
 the per-class IoU and how many of the C clusters hold at least 1 % of the val pixels, which is
 what separates "high pixel accuracy, capped mIoU" (few big clusters) from balanced clusterings.
 
-    python benchmarks/quality_sweep.py                       # every setting (about 1 h on 2 cores)
+    python benchmarks/quality_sweep.py                       # every setting (about 2 h on 2 cores)
     python benchmarks/quality_sweep.py --only tr,tr_phi50    # a subset
     python benchmarks/quality_sweep.py --list
     python benchmarks/quality_sweep.py --only tr_ema_warmup --seed 1   # stored as "tr_ema_warmup@seed1"
@@ -40,6 +40,8 @@ from causeseg.train import train_all  # noqa: E402
 
 S32 = ["backbone.options.feature_stride=32", "step1.resolution=640", "step2.resolution=640",
        "step3.resolution=640", "eval.resolution=640"]
+PAPER = ["step1.variant=paper", "step2.loss_form=paper", "step2.bank_policy=paper", "step2.feature_space=head"]
+CAT8 = ["backbone.options.feature_stride=cat"]  # stages 2+4+6 at stride 8: 40x40 tokens at 320 px, as ViT-S/8
 
 #: name -> (method, overrides, what it tests, reuse: setting whose clusterbook + head are reused)
 SETTINGS: dict[str, tuple[str, list[str], str, str | None]] = {
@@ -70,6 +72,17 @@ SETTINGS: dict[str, tuple[str, list[str], str, str | None]] = {
     "mlp_ema_warmup": ("cause_mlp", ["step2.ema_warmup=true"], "CAUSE-MLP with the EMA warm-up", None),
     "kmeans_s32_640": ("kmeans", S32, "baseline on stride-32 features at 640 px (20x20 tokens)", None),
     "tr_s32_640": ("cause_tr", S32, "CAUSE-TR on stride-32 features at 640 px", None),
+    "tr_anchor2": ("cause_tr", ["step2.grid=2"],
+                   "one Step-2 anchor per 2x2 window: 100 anchors per 320-px image, as ViT/8 with the paper's 4x4",
+                   None),
+    "tr_step1_paper": ("cause_tr", PAPER[:1], "Step-1 objective of the paper (Eq. 6) instead of the code's", None),
+    "tr_loss_paper": ("cause_tr", PAPER[1:2], "contrastive loss of the paper (Eq. 4, one positive per term)", None),
+    "tr_bank_paper": ("cause_tr", PAPER[2:3], "bank update of the paper (discard half, add half)", None),
+    "tr_feature_head": ("cause_tr", PAPER[3:], "bank and loss on the 90-d head output (paper) not the projection",
+                        None),
+    "tr_paper": ("cause_tr", PAPER, "every paper-vs-code switch set to the paper", None),
+    "kmeans_cat8": ("kmeans", CAT8, "baseline on the stride-8 multi-scale features (472-d, 40x40 tokens)", None),
+    "tr_cat8": ("cause_tr", CAT8, "CAUSE-TR on the stride-8 multi-scale features (the ViT-S/8 token grid)", None),
 }
 PRESETS = {"cause_mlp": "camvid_effnet_mlp", "cause_tr": "camvid_effnet_tr"}
 
@@ -132,17 +145,20 @@ def main() -> None:
     if root is None:
         sys.exit("shared data not found: set CAUSESEG_DATA_ROOT")
     out = Path(args.out)
-    results = json.loads(out.read_text()) if out.exists() else {}
-    results.setdefault("protocol", "camvid train -> val, 11 classes (void ignored), EfficientNet-Lite0, "
-                                   "no CRF, seed 0 unless the key says @seedN; per_class_iou in CamVid class order")
-    results.setdefault("settings", {})
     for name in names:
         r = run_setting(name, Path(args.work), root, args.seed)
         print(f"{name}: miou {r['miou']:.1f} pacc {r['pacc']:.1f} clusters>1% {r['clusters_over_1pct']} "
               f"iou {r['per_class_iou']}", flush=True)
-        results["settings"][result_key(name, args.seed)] = r
+        # re-read before merging, so that sweeps run one after another (or side by side) keep each other's results
+        results = json.loads(out.read_text()) if out.exists() else {}
+        results.setdefault("protocol", "camvid train -> val, 11 classes (void ignored), EfficientNet-Lite0, "
+                                       "no CRF, seed 0 unless the key says @seedN; per_class_iou in CamVid class "
+                                       "order")
+        results.setdefault("settings", {})[result_key(name, args.seed)] = r
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.replace(out)
     print(json.dumps({n: {"miou": round(r["miou"], 2), "pacc": round(r["pacc"], 2),
                           "clusters_over_1pct": r["clusters_over_1pct"]}
                       for n, r in results["settings"].items()}))
