@@ -83,6 +83,8 @@ SETTINGS: dict[str, tuple[str, list[str], str, str | None]] = {
     "tr_paper": ("cause_tr", PAPER, "every paper-vs-code switch set to the paper", None),
     "kmeans_cat8": ("kmeans", CAT8, "baseline on the stride-8 multi-scale features (472-d, 40x40 tokens)", None),
     "tr_cat8": ("cause_tr", CAT8, "CAUSE-TR on the stride-8 multi-scale features (the ViT-S/8 token grid)", None),
+    "tr_cat8_step3_kmeans": ("cause_tr", [*CAT8, "step3.learner=kmeans"],
+                             "Step 3 with the STEGO/HP cluster probe on the tr_cat8 head", "tr_cat8"),
 }
 PRESETS = {"cause_mlp": "camvid_effnet_mlp", "cause_tr": "camvid_effnet_tr"}
 
