@@ -37,6 +37,7 @@ from causeseg.config import load_config  # noqa: E402
 from causeseg.data.root import data_root  # noqa: E402
 from causeseg.model import CauseModel  # noqa: E402
 from causeseg.train import train_all  # noqa: E402
+from causeseg.utils import atomic_write_bytes  # noqa: E402
 
 S32 = ["backbone.options.feature_stride=32", "step1.resolution=640", "step2.resolution=640",
        "step3.resolution=640", "eval.resolution=640"]
@@ -157,10 +158,7 @@ def main() -> None:
                                        "no CRF, seed 0 unless the key says @seedN; per_class_iou in CamVid class "
                                        "order")
         results.setdefault("settings", {})[result_key(name, args.seed)] = r
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
-        tmp.replace(out)
+        atomic_write_bytes(out, (json.dumps(results, indent=2) + "\n").encode())  # keeps the settings' order
     print(json.dumps({n: {"miou": round(r["miou"], 2), "pacc": round(r["pacc"], 2),
                           "clusters_over_1pct": r["clusters_over_1pct"]}
                       for n, r in results["settings"].items()}))

@@ -186,6 +186,16 @@ def _coerce(value: str) -> Any:
 _ON_OFF = {("run", "amp"), ("run", "feature_cache")}
 
 
+#: annotation -> accepts(value); bool is an int subclass, so int and float fields reject it explicitly
+_TYPE_CHECKS = {
+    bool: lambda v: isinstance(v, bool),
+    int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+    float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    str: lambda v: isinstance(v, str),
+    dict: lambda v: isinstance(v, dict),
+}
+
+
 def _typed(name: str, value: Any, hint: Any, source: str) -> Any:
     """``value`` checked against the field's annotation; for a float an int or a numeric string is converted."""
     origin = typing.get_origin(hint)
@@ -206,12 +216,7 @@ def _typed(name: str, value: Any, hint: Any, source: str) -> Any:
             value = float(value)
         except ValueError:
             pass
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-          str: lambda v: isinstance(v, str),
-          dict: lambda v: isinstance(v, dict)}.get(base, lambda v: True)
-    if not ok(value):
+    if not _TYPE_CHECKS.get(base, lambda v: True)(value):
         want = getattr(hint, "__name__", str(hint))
         raise ConfigError(f"{source}: {name}={value!r} must be of type {want}")
     return float(value) if base is float else value
