@@ -1,4 +1,4 @@
-"""Generate the paper presets under configs/ (dataset x backbone x head) from the official settings.
+"""Generate the paper presets under src/causeseg/configs/ (dataset x backbone x head) from the official settings.
 
 Run: python scripts/gen_presets.py   (the generated files are committed; edit this script, not them)
 Sources: cause-reference.md §3 (hyper-parameters), §9 (data), the per-dataset phi+ of the paper.
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-OUT = Path(__file__).resolve().parents[1] / "configs"
+OUT = Path(__file__).resolve().parents[1] / "src" / "causeseg" / "configs"
 
 DATASETS = {
     # name: (data.dataset, classes, crop, mode, phi_pos, weight decay, clip MLP, clip TR)

@@ -82,4 +82,4 @@ def test_base_inheritance_and_roundtrip(tmp_path):
 
 
 def test_config_dir_is_the_repo_configs():
-    assert CONFIG_DIR == Path(__file__).resolve().parents[1] / "configs"
+    assert CONFIG_DIR == Path(__file__).resolve().parents[1] / "src" / "causeseg" / "configs"

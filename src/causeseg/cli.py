@@ -38,7 +38,7 @@ def _setup_logging(run_dir: Path | None, verbose: bool = False) -> None:
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", default=None,
-                   help="preset name from configs/ (see `causeseg presets`) or a YAML file")
+                   help="preset name (see `causeseg presets`) or a YAML file")
     p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override any config value, e.g. --set step2.phi_pos=0.2 (repeatable)")
     p.add_argument("--backbone", default=None, help="backbone name (see `causeseg backbones`)")

