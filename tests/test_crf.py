@@ -1,6 +1,9 @@
-"""Dense CRF wrapper: refinement on a synthetic two-region image, pool == serial, timeouts, bad input."""
+"""Dense CRF wrapper: refinement on a synthetic two-region image, pool == serial, timeouts, bad input, and the
+official CRF input (BGR after the normalise / un-normalise round trip)."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pytest
@@ -9,7 +12,9 @@ from scipy import ndimage
 
 pytest.importorskip("pydensecrf.densecrf", reason="pydensecrf (PyPI pydensecrf2) not installed")
 
-from causeseg.crf import CRFParams, CRFRunner, dense_crf, to_uint8_image  # noqa: E402
+import pydensecrf.densecrf as dcrf  # noqa: E402
+
+from causeseg.crf import CRFParams, CRFRunner, dense_crf, protocol_image, to_uint8_image  # noqa: E402
 
 
 def synthetic_case(seed: int, size: int = 64, patch: int = 8):
@@ -101,16 +106,81 @@ def test_pool_equals_serial_and_context_manager_closes():
         np.testing.assert_array_equal(a, dense_crf(im, p))
 
 
+def _never_returns(image, probs, params):
+    """A CRF worker that is stuck for good (it waits on an event nobody sets): a timeout must cut it off."""
+    threading.Event().wait()
+
+
 def test_pool_timeout_falls_back_and_counts():
+    # No wall-clock race: the stuck worker never returns, whatever the machine's speed, and the run after the
+    # restart has no deadline to miss.
     img, probs, _ = synthetic_case(4, size=48)
-    slow = CRFParams(iterations=200_000)  # minutes of work: must be cut off
-    with CRFRunner(workers=1, timeout=0.5, params=slow) as runner:
+    with CRFRunner(workers=1, timeout=0.2) as runner:
+        real_task, runner._task = runner._task, _never_returns
         with pytest.warns(RuntimeWarning, match="exceeded"):
-            out = runner.run([img], [probs])
-        assert runner.num_timeouts == 1 and runner.timed_out == [0]
-        np.testing.assert_array_equal(out[0], probs)
-        # the runner is still usable after the stuck worker was killed
-        runner.params = CRFParams(iterations=2)
+            out = runner.run([img, img], [probs, 2 * probs])
+        assert runner.num_timeouts == 2 and runner.timed_out == [0, 1]
+        np.testing.assert_array_equal(out[0], probs)  # the un-refined probabilities, in input order
+        np.testing.assert_array_equal(out[1], 2 * probs)
+        assert runner._pool is None  # the pool with the stuck worker was terminated
+        # the runner is still usable: a fresh pool does the real work
+        runner._task, runner.timeout = real_task, None
         out2 = runner.run([img], [probs])
-        np.testing.assert_array_equal(out2[0], dense_crf(img, probs, CRFParams(iterations=2)))
-        assert runner.num_timeouts == 1 and runner.timed_out == []
+        np.testing.assert_array_equal(out2[0], dense_crf(img, probs))
+        assert runner.num_timeouts == 2 and runner.timed_out == []  # the counter keeps the total
+
+
+# -- the official CRF input ---------------------------------------------------------------------------------------
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def official_crf_image(image01: torch.Tensor) -> np.ndarray:
+    """The official evaluation's image for pydensecrf, step by step in torch: torchvision ``Normalize``
+    (``sub_(mean).div_(std)``), STEGO's ``UnNormalize`` (``mul_(s).add_(m)`` per channel), ``to_pil_image``
+    (``mul(255).byte()``, HWC) and ``[:, :, ::-1]``."""
+    x = image01.clone()
+    x.sub_(torch.tensor(IMAGENET_MEAN).view(3, 1, 1)).div_(torch.tensor(IMAGENET_STD).view(3, 1, 1))
+    for t, m, s in zip(x, IMAGENET_MEAN, IMAGENET_STD):
+        t.mul_(s).add_(m)
+    return x.mul(255).byte().permute(1, 2, 0).numpy()[:, :, ::-1]
+
+
+def test_protocol_image_matches_the_official_round_trip():
+    # every uint8 value in every channel, as ToTensor gives them (k / 255 in float32), plus off-grid floats
+    u = torch.arange(256, dtype=torch.uint8).repeat(3, 1).reshape(3, 16, 16)
+    grid = u.float().div(255)
+    off = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for x in (grid, off):
+        expected = official_crf_image(x)
+        got = protocol_image(x)
+        assert got.dtype == np.uint8 and got.shape == (16, 16, 3) and got.flags.c_contiguous and got.flags.writeable
+        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(protocol_image(x.numpy(), channels="rgb"), expected[:, :, ::-1])
+    # the round trip matters: plain truncation of k/255 gives k back, the protocol gives k - 1 for some values
+    plain = to_uint8_image(grid)[:, :, ::-1]
+    diff = plain.astype(int) - protocol_image(grid).astype(int)
+    assert set(np.unique(diff)) == {0, 1} and (diff == 1).sum() > 50
+    with pytest.raises(ValueError, match="channels"):
+        protocol_image(grid, channels="hsv")
+    with pytest.raises(ValueError, match="float"):
+        protocol_image(u)
+
+
+def test_refine_equals_pydensecrf_on_the_official_bgr_image():
+    img, probs, _ = synthetic_case(5, size=40)
+    x = torch.from_numpy(img).permute(2, 0, 1).float().div(255)
+    bgr = np.ascontiguousarray(official_crf_image(x))
+    # pydensecrf run directly, as the official dense_crf does
+    c, h, w = probs.shape
+    d = dcrf.DenseCRF2D(w, h, c)
+    d.setUnaryEnergy(np.ascontiguousarray(-np.log(probs).reshape(c, -1)))
+    d.addPairwiseGaussian(sxy=1, compat=3)
+    d.addPairwiseBilateral(sxy=67, srgb=3, rgbim=bgr, compat=4)
+    expected = np.array(d.inference(10), dtype=np.float32).reshape(c, h, w)
+    got = CRFRunner(workers=0).refine(x[None], [probs])[0]
+    np.testing.assert_array_equal(got, expected)
+    rgb = CRFRunner(workers=0, channels="rgb").refine([x], [probs])[0]
+    np.testing.assert_array_equal(rgb, dense_crf(bgr[:, :, ::-1], probs))
+    with pytest.raises(ValueError, match="channels"):
+        CRFRunner(workers=0, channels="RGB")

@@ -7,6 +7,11 @@ and a bilateral (appearance) kernel with ``sxy = 67``, ``srgb = 3`` and weight 4
 ``-log p`` of the per-pixel class probabilities (CAUSE: ``p = softmax(3·cos(y, centroids))``, see
 :func:`causeseg.tta.cluster_probs`).
 
+The image is handed to pydensecrf as the official evaluation does (:func:`protocol_image`): the ImageNet
+normalise / un-normalise round trip in float32, ``×255`` truncated to uint8, channels reversed to BGR.
+:meth:`CRFRunner.refine` takes the [0, 1] float images and does this; :meth:`CRFRunner.run` takes uint8 images
+and hands them over unchanged.
+
 This module imports neither torch nor pydensecrf at import time, so worker processes start quickly and a
 missing ``pydensecrf`` only fails when a CRF is actually run (:class:`CRFUnavailableError`).
 
@@ -27,7 +32,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["CRFParams", "CRFUnavailableError", "dense_crf", "to_uint8_image", "CRFRunner", "default_workers"]
+__all__ = ["CRFParams", "CRFUnavailableError", "dense_crf", "to_uint8_image", "protocol_image", "CRFRunner",
+           "default_workers", "CHANNEL_ORDERS"]
+
+#: Channel orders of the uint8 image handed to pydensecrf: "bgr" is the official protocol's.
+CHANNEL_ORDERS = ("bgr", "rgb")
 
 
 class CRFUnavailableError(ImportError):
@@ -78,7 +87,7 @@ def _where(source: str | None) -> str:
 def _check_image(image_u8: Any, source: str | None = None) -> np.ndarray:
     img = _to_numpy(image_u8)
     if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"CRF image must be (H, W, 3) uint8 RGB, got shape {img.shape}{_where(source)}")
+        raise ValueError(f"CRF image must be (H, W, 3) uint8, got shape {img.shape}{_where(source)}")
     if img.dtype != np.uint8:
         raise ValueError(
             f"CRF image must have dtype uint8, got {img.dtype}{_where(source)}; convert [0, 1] floats with "
@@ -125,13 +134,46 @@ def to_uint8_image(image01: Any, rounding: str = "truncate") -> np.ndarray:
     return np.ascontiguousarray(x.transpose(1, 2, 0).astype(np.uint8))
 
 
+def protocol_image(image01: Any, channels: str = "bgr") -> np.ndarray:
+    """The uint8 image the official CAUSE evaluation hands pydensecrf, from a (3, H, W) float image in [0, 1].
+
+    The official ``dense_crf`` receives the ImageNet-normalised tensor, un-normalises it (``x·std + mean``),
+    converts it with ``to_pil_image`` (``×255``, truncated to uint8) and reverses the channels (``[:, :, ::-1]``,
+    RGB -> BGR). The float32 round trip ``((x - mean) / std) · std + mean`` does not give every value back
+    exactly: of the 768 channel values k/255 that ``ToTensor`` produces, 137 come back a little below and
+    truncate to k - 1 (computed in float32 here exactly as torch does: each step rounded once).
+    ``channels="rgb"`` keeps the same values in RGB order (the bilateral kernel is isotropic in colour, so the
+    order changes only the lattice's rounding). Values outside [0, 1] are clipped first.
+    Returns a writable C-contiguous (H, W, 3) uint8 array.
+    """
+    from .backbones.registry import IMAGENET_MEAN, IMAGENET_STD  # the official un-normalisation constants
+
+    if channels not in CHANNEL_ORDERS:
+        raise ValueError(f"CRF image channels must be one of {CHANNEL_ORDERS}, got {channels!r}")
+    x = _to_numpy(image01)
+    if x.ndim != 3 or x.shape[0] != 3:
+        raise ValueError(f"expected a (3, H, W) image in [0, 1], got shape {x.shape}")
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"expected a float image in [0, 1], got dtype {x.dtype}")
+    x = np.clip(x.astype(np.float32), 0.0, 1.0)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("CRF image has non-finite values")
+    mean = np.asarray(IMAGENET_MEAN, dtype=np.float32).reshape(3, 1, 1)
+    std = np.asarray(IMAGENET_STD, dtype=np.float32).reshape(3, 1, 1)
+    back = ((x - mean) / std) * std + mean  # float32 throughout, like torchvision Normalize and STEGO's UnNormalize
+    u8 = np.trunc(back * np.float32(255.0)).clip(0, 255).astype(np.uint8)  # to_pil_image: mul(255).byte()
+    hwc = u8.transpose(1, 2, 0)
+    return np.ascontiguousarray(hwc[:, :, ::-1] if channels == "bgr" else hwc)
+
+
 def dense_crf(
     image_u8: Any, probs: Any, params: CRFParams | None = None, *, source: str | None = None
 ) -> np.ndarray:
     """Refine per-pixel class probabilities with a fully connected CRF.
 
     Args:
-        image_u8: (H, W, 3) uint8 RGB image (numpy or torch).
+        image_u8: (H, W, 3) uint8 image (numpy or torch), handed to pydensecrf as given (see
+            :func:`protocol_image` for the official BGR input).
         probs: (C, H, W) class probabilities (need not be normalised: a per-pixel scale only shifts the unary
             by a per-pixel constant, which mean-field inference ignores).
         params: CRF constants (default: the protocol's).
@@ -180,6 +222,8 @@ class CRFRunner:
             cannot be interrupted in-process).
         params: CRF constants (default: the protocol's).
         start_method: ``"forkserver"`` (default where available) or ``"spawn"``.
+        channels: channel order of the image :meth:`refine` hands pydensecrf: ``"bgr"`` (the official protocol,
+            default) or ``"rgb"``.
 
     Use as a context manager (``with CRFRunner(2) as crf: ...``) or call :meth:`close`.
     """
@@ -190,6 +234,7 @@ class CRFRunner:
         timeout: float | None = None,
         params: CRFParams | None = None,
         start_method: str | None = None,
+        channels: str = "bgr",
     ) -> None:
         if workers is None:
             workers = default_workers()
@@ -201,13 +246,17 @@ class CRFRunner:
             start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
         if start_method not in ("forkserver", "spawn"):
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
+        if channels not in CHANNEL_ORDERS:
+            raise ValueError(f"CRF image channels must be one of {CHANNEL_ORDERS}, got {channels!r}")
         self.workers = int(workers)
         self.timeout = timeout
         self.params = params or CRFParams()
         self.start_method = start_method
+        self.channels = channels
         self.num_timeouts = 0
         self.timed_out: list[int] = []  # indices (within the last run) that fell back
         self._pool: Any = None
+        self._task = _crf_task  # what a pool worker runs (module-level, so it pickles by reference)
 
     # -- pool management -------------------------------------------------------------------------------------
     def _get_pool(self) -> Any:
@@ -245,6 +294,11 @@ class CRFRunner:
             pass
 
     # -- running ---------------------------------------------------------------------------------------------
+    def refine(self, images01: Sequence[Any] | Any, probs: Sequence[Any] | Any) -> list[np.ndarray]:
+        """:meth:`run` on float images in [0, 1] ((B, 3, H, W) or a sequence of (3, H, W)), each converted by
+        :func:`protocol_image` with this runner's ``channels`` (the official CRF input by default)."""
+        return self.run([protocol_image(im, self.channels) for im in images01], probs)
+
     def run(self, images: Sequence[Any] | Any, probs: Sequence[Any] | Any) -> list[np.ndarray]:
         """Refine each ``probs[i]`` (C, H, W) with its ``images[i]`` (H, W, 3) uint8.
 
@@ -265,7 +319,7 @@ class CRFRunner:
         _import_dcrf()  # fail early and clearly in the parent
         if self.timeout is None:
             pool = self._get_pool()
-            jobs = [pool.apply_async(_crf_task, (im, p, self.params)) for im, p in zip(imgs, prbs)]
+            jobs = [pool.apply_async(self._task, (im, p, self.params)) for im, p in zip(imgs, prbs)]
             return [self._get(job, i, None) for i, job in enumerate(jobs)]
         return self._run_with_timeout(imgs, prbs)
 
@@ -285,7 +339,7 @@ class CRFRunner:
         for start in range(0, len(imgs), self.workers):
             idx = list(range(start, min(start + self.workers, len(imgs))))
             pool = self._get_pool()
-            jobs = {i: pool.apply_async(_crf_task, (imgs[i], prbs[i], self.params)) for i in idx}
+            jobs = {i: pool.apply_async(self._task, (imgs[i], prbs[i], self.params)) for i in idx}
             deadline = time.monotonic() + self.timeout
             stuck = False
             for i, job in jobs.items():
