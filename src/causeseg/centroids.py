@@ -1,16 +1,23 @@
 """Step 3: the C class centroids, learned without labels on detached head outputs.
 
-Two learners:
+Three learners:
 
 * ``modularity`` (official code): maximise the Step-1 modularity objective with k = C
   concepts on the r-dimensional outputs of the EMA head (4x4-window token sampling, tau 0.1).
 * ``kmeans`` (STEGO/HP "cluster probe", the minibatch spherical k-means the paper's text cites,
   Caron et al. 2018): minimise ``-sum_c onehot(argmax cos) * cos``.
+* ``sinkhorn`` (not in the paper; SwAV's balanced assignments, Caron et al. 2020): soft codes from
+  Sinkhorn-Knopp equipartition over the tokens of a batch, then cross-entropy of
+  ``softmax(cos / tau)`` against them. Every one of the C centroids receives an equal share of
+  the batch's tokens while it is learned, so none can stay empty (the modularity learner keeps
+  only the largest communities when the head outputs lie in a narrow cone).
 
 Both receive detached features only; nothing here can reach the head.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -30,6 +37,39 @@ def spherical_kmeans_loss(x: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
     return -(onehot * cos).sum(-1).mean()
 
 
+def sinkhorn_codes(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+    """Balanced soft assignments of n tokens to C clusters: Sinkhorn-Knopp as in SwAV (Caron et al. 2020).
+
+    ``scores`` (n, C) similarities (cosines). ``Q = exp(scores / eps)`` normalised to total mass 1, then
+    ``iters`` rounds of: every cluster's column rescaled to mass 1/C, every token's row to mass 1/n.
+    Returns ``n * Q`` (n, C), no gradient: each row sums to 1 (a token's code), and each column
+    sums to n/C once the iterations have converged (SwAV stops after 3). Computed in float64 log space
+    (the same numbers as the exp form, without underflow for a small ``eps``).
+    """
+    if scores.ndim != 2:
+        raise ValueError(f"sinkhorn_codes expects (n, C) scores, got shape {tuple(scores.shape)}")
+    n, c = scores.shape
+    log_q = scores.detach().double() / eps
+    log_q = log_q - torch.logsumexp(log_q.reshape(-1), 0)
+    for _ in range(iters):
+        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(c)  # each cluster: mass 1/C
+        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(n)  # each token: mass 1/n
+    return (log_q + math.log(n)).exp().to(scores.dtype)
+
+
+def sinkhorn_assignment_loss(x: torch.Tensor, centroids: torch.Tensor, tau: float = 0.1, eps: float = 0.05,
+                             iters: int = 3) -> torch.Tensor:
+    """SwAV-style balanced clustering loss (Caron et al. 2020) of tokens ``x`` (..., r) to ``centroids`` (C, r).
+
+    ``-mean_i sum_c Q_ic log softmax_c(cos_ic / tau)`` with ``Q = sinkhorn_codes(cos, eps, iters)`` over all
+    the tokens passed (one batch); ``Q`` is a fixed target, the gradient reaches ``centroids`` (and ``x``
+    if it requires one) through the softmax only.
+    """
+    cos = F.normalize(x.reshape(-1, x.shape[-1]), dim=-1) @ F.normalize(centroids, dim=-1).t()
+    q = sinkhorn_codes(cos, eps, iters)
+    return -(q * F.log_softmax(cos / tau, dim=-1)).sum(-1).mean()
+
+
 def kmeanspp_seeds(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     """``k`` k-means++ seeds (scikit-learn's ``kmeans_plusplus``) of the unit vectors of ``x`` (n, r).
 
@@ -45,20 +85,26 @@ def kmeanspp_seeds(x: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
     return x[torch.from_numpy(idx)].float()
 
 
+LEARNERS = ("modularity", "kmeans", "sinkhorn")
+
+
 class CentroidLearner(nn.Module):
     """The learnable (C, r) centroids and their label-free loss."""
 
     def __init__(self, num_classes: int, dim: int, learner: str = "modularity", tau: float = 0.1,
-                 generator: torch.Generator | None = None, gamma: float = 1.0):
+                 generator: torch.Generator | None = None, gamma: float = 1.0, eps: float = 0.05,
+                 iters: int = 3):
         super().__init__()
-        if learner not in ("modularity", "kmeans"):
-            raise ValueError(f"unknown centroid learner '{learner}'")
+        if learner not in LEARNERS:
+            raise ValueError(f"unknown centroid learner '{learner}' (expected one of {LEARNERS})")
         self.learner = learner
         self.tau = tau
         self.gamma = gamma
+        self.eps = eps
+        self.iters = iters
         w = torch.empty(num_classes, dim)
-        if learner == "modularity":
-            w.uniform_(-1.0 / num_classes, 1.0 / num_classes, generator=generator)  # official init
+        if learner in ("modularity", "sinkhorn"):
+            w.uniform_(-1.0 / num_classes, 1.0 / num_classes, generator=generator)  # official init (and its scale)
         else:
             w.normal_(generator=generator)
         self.weight = nn.Parameter(w)
@@ -78,4 +124,6 @@ class CentroidLearner(nn.Module):
         sampled = sampled.detach()
         if self.learner == "modularity":
             return -modularity_objective(sampled, self.weight, tau=self.tau, variant="code", gamma=self.gamma).mean()
+        if self.learner == "sinkhorn":
+            return sinkhorn_assignment_loss(sampled, self.weight, self.tau, self.eps, self.iters)
         return spherical_kmeans_loss(sampled, self.weight)

@@ -93,7 +93,7 @@ class Step2Config:
 class Step3Config:
     """Step 3: the C class centroids (label-free)."""
 
-    learner: str = "modularity"  # modularity (official) | kmeans (online spherical k-means probe)
+    learner: str = "modularity"  # modularity (official) | kmeans (online spherical k-means probe) | sinkhorn (SwAV)
     resolution: int = 320
     batch_size: int = 16
     epochs: int = 5
@@ -104,6 +104,8 @@ class Step3Config:
     init_tokens: int = 20000  # head-output tokens sampled for the kmeans++ init
     grid: int = 4
     dropout_active: bool = True  # official: the teacher head runs with dropout during Step 3
+    sinkhorn_eps: float = 0.05  # learner=sinkhorn: entropic temperature of the balanced codes (SwAV 0.05)
+    sinkhorn_iters: int = 3  # learner=sinkhorn: Sinkhorn-Knopp iterations (SwAV 3)
 
 
 @dataclass
@@ -305,7 +307,10 @@ def validate(cfg: Config) -> None:
     choice("step2.feature_space", cfg.step2.feature_space, ("projection", "head"))
     choice("step2.bank_policy", cfg.step2.bank_policy, ("official", "paper"))
     choice("step2.bank_impl", cfg.step2.bank_impl, ("auto", "torch", "triton", "reference"))
-    choice("step3.learner", cfg.step3.learner, ("modularity", "kmeans"))
+    choice("step3.learner", cfg.step3.learner, ("modularity", "kmeans", "sinkhorn"))
+    if cfg.step3.sinkhorn_eps <= 0 or cfg.step3.sinkhorn_iters < 1:
+        raise ConfigError(f"step3.sinkhorn_eps must be > 0 and step3.sinkhorn_iters >= 1, got "
+                          f"{cfg.step3.sinkhorn_eps}, {cfg.step3.sinkhorn_iters}")
     choice("step3.init", cfg.step3.init, ("uniform", "kmeans++"))
     choice("run.amp", cfg.run.amp, ("auto", "bf16", "fp16", "off"))
     choice("run.feature_cache", cfg.run.feature_cache, ("auto", "on", "off"))

@@ -1,0 +1,126 @@
+"""Step-3 centroid learners: the SwAV Sinkhorn-Knopp codes and the balanced ('sinkhorn') learner."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from causeseg.centroids import CentroidLearner, sinkhorn_assignment_loss, sinkhorn_codes
+from causeseg.config import ConfigError, load_config
+
+
+def numpy_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:
+    """Independent reference: SwAV's exp-form Sinkhorn-Knopp on the (C, n) transposed matrix, float64."""
+    q = np.exp(scores.T / eps)
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        q /= q.sum(axis=1, keepdims=True)
+        q /= k
+        q /= q.sum(axis=0, keepdims=True)
+        q /= b
+    return (q * b).T
+
+
+@pytest.mark.parametrize("iters", [1, 3, 7])
+def test_sinkhorn_codes_match_numpy_reference(iters):
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(37, 5, generator=g, dtype=torch.float64) * 2 - 1
+    ours = sinkhorn_codes(scores, eps=0.2, iters=iters)
+    ref = numpy_sinkhorn(scores.numpy(), 0.2, iters)
+    np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-10, atol=1e-12)
+
+
+def test_sinkhorn_codes_marginals_rows_exact_columns_converge_to_equipartition():
+    g = torch.Generator().manual_seed(1)
+    n, c = 60, 4
+    # every token prefers cluster 0: a plain softmax would put nearly all mass there
+    scores = torch.rand(n, c, generator=g, dtype=torch.float64) * 0.1
+    scores[:, 0] += 0.5
+    soft = torch.softmax(scores / 0.05, dim=1)
+    assert soft.sum(0)[0] > 0.9 * n
+    q3 = sinkhorn_codes(scores, eps=0.05, iters=3)
+    torch.testing.assert_close(q3.sum(1), torch.ones(n, dtype=torch.float64))  # each token's code sums to 1
+    assert (q3 >= 0).all()
+    assert (q3.sum(0) - n / c).abs().max() < (soft.sum(0) - n / c).abs().max() / 10  # 3 rounds already balance
+    q = sinkhorn_codes(scores, eps=0.05, iters=500)
+    torch.testing.assert_close(q.sum(0), torch.full((c,), n / c, dtype=torch.float64), rtol=0, atol=1e-8)
+
+
+def test_sinkhorn_codes_small_eps_stays_finite_and_input_shape_checked():
+    scores = torch.tensor([[1.0, -1.0, 0.0], [0.9, -0.5, 0.2], [-1.0, 1.0, 0.3]])
+    q = sinkhorn_codes(scores, eps=1e-3, iters=3)  # exp(1000) in the exp form
+    assert torch.isfinite(q).all() and q.dtype == scores.dtype
+    torch.testing.assert_close(q.sum(1), torch.ones(3))
+    with pytest.raises(ValueError, match=r"\(n, C\)"):
+        sinkhorn_codes(torch.zeros(2, 3, 4))
+
+
+def test_sinkhorn_loss_is_cross_entropy_against_reference_codes_and_only_moves_centroids():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 10, 6, generator=g, dtype=torch.float64)
+    c = torch.randn(3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    loss = sinkhorn_assignment_loss(x, c, tau=0.1, eps=0.05, iters=3)
+    cos = (F.normalize(x.reshape(-1, 6), dim=1) @ F.normalize(c, dim=1).t()).detach().numpy()
+    q = numpy_sinkhorn(cos, 0.05, 3)
+    logp = cos / 0.1 - np.log(np.exp(cos / 0.1).sum(1, keepdims=True))
+    assert loss.item() == pytest.approx(-(q * logp).sum(1).mean(), rel=1e-10)
+    loss.backward()
+    assert c.grad is not None and c.grad.abs().sum() > 0
+    # the codes are a fixed target: scaling a centroid changes neither the cosines nor the loss
+    c2 = c.detach().clone()
+    c2[1] *= 7.0
+    assert sinkhorn_assignment_loss(x, c2).item() == pytest.approx(sinkhorn_assignment_loss(x, c.detach()).item())
+
+
+def narrow_cone_blobs(n_per: int, k: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k tight blobs whose centres share a strong common direction (mean pairwise cosine ~0.8)."""
+    g = torch.Generator().manual_seed(seed)
+    common = F.normalize(torch.randn(dim, generator=g), dim=0)
+    centres = F.normalize(2.0 * common + 0.8 * F.normalize(torch.randn(k, dim, generator=g), dim=1), dim=1)
+    labels = torch.arange(k).repeat_interleave(n_per)
+    x = centres[labels] + 0.03 * torch.randn(k * n_per, dim, generator=g)
+    perm = torch.randperm(len(x), generator=g)
+    return x[perm], labels[perm]
+
+
+def train_learner(kind: str, x: torch.Tensor, k: int, steps: int = 300) -> torch.Tensor:
+    learner = CentroidLearner(k, x.shape[1], kind, tau=0.1, generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.Adam(learner.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(steps):
+        batch = x[torch.randperm(len(x), generator=g)[:128]].reshape(4, 32, -1)
+        opt.zero_grad()
+        learner.loss(batch).backward()
+        opt.step()
+    return (F.normalize(x, dim=1) @ F.normalize(learner.weight.detach(), dim=1).t()).argmax(1)
+
+
+def test_sinkhorn_learner_uses_every_cluster_and_recovers_blobs_in_a_narrow_cone():
+    k = 5
+    x, labels = narrow_cone_blobs(80, k, 16, seed=4)
+    cos = F.normalize(x, dim=1) @ F.normalize(x, dim=1).t()
+    assert cos.mean() > 0.6  # the data lie in a narrow cone, as the CamVid head output
+    pred = train_learner("sinkhorn", x, k)
+    assert len(pred.unique()) == k
+    # each learned cluster is one blob: the contingency table is a permutation matrix
+    table = torch.zeros(k, k, dtype=torch.long)
+    table.index_put_((pred, labels), torch.ones_like(pred), accumulate=True)
+    assert ((table > 0).sum(1) == 1).all() and ((table > 0).sum(0) == 1).all()
+
+
+def test_centroid_learner_sinkhorn_is_deterministic_and_unknown_learner_rejected():
+    x, _ = narrow_cone_blobs(50, 3, 8, seed=5)
+    assert torch.equal(train_learner("sinkhorn", x, 3, steps=20), train_learner("sinkhorn", x, 3, steps=20))
+    with pytest.raises(ValueError, match="unknown centroid learner 'swav'"):
+        CentroidLearner(3, 8, "swav")
+
+
+def test_config_accepts_sinkhorn_learner_and_rejects_bad_eps():
+    cfg = load_config("camvid_effnet_tr", ["step3.learner=sinkhorn", "step3.sinkhorn_eps=0.02"])
+    assert cfg.step3.learner == "sinkhorn" and cfg.step3.sinkhorn_eps == 0.02 and cfg.step3.sinkhorn_iters == 3
+    assert load_config("camvid_effnet_tr", []).step3.learner == "modularity"  # off in the paper presets
+    with pytest.raises(ConfigError, match="sinkhorn_eps"):
+        load_config("camvid_effnet_tr", ["step3.learner=sinkhorn", "step3.sinkhorn_eps=0"])
