@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from causeseg.data.io import DataError, load_image, load_mask
@@ -155,3 +156,54 @@ def test_colour_masks_rejected(tmp_path, mode):
     with pytest.raises(DataError) as ei:
         load_mask(tmp_path / "c.png")
     assert str(tmp_path / "c.png") in str(ei.value) and mode in str(ei.value)
+
+
+# -- very large images: a clear "large" error, and a limit the user can raise ----------------------------------
+def test_large_image_is_not_called_corrupt(tmp_path, monkeypatch):
+    from causeseg.data.io import image_size, max_image_pixels, set_max_image_pixels
+
+    monkeypatch.setenv("CAUSESEG_MAX_PIXELS", "")  # unset = PIL's default; restored after the test
+    assert max_image_pixels() == 89_478_485  # PIL's default guard: a 96-Mpx photo is over it
+    Image.new("RGB", (20, 10), (10, 200, 30)).save(tmp_path / "big.png")  # 200 pixels
+    Image.new("RGB", (10, 10), (10, 200, 30)).save(tmp_path / "ok.png")  # 100 pixels
+    for limit, over in ((150, "PIL warns"), (60, "PIL raises: over twice the limit")):
+        set_max_image_pixels(limit)
+        for read in (load_image, load_mask, image_size):
+            with pytest.raises(DataError) as err:
+                read(tmp_path / "big.png")
+            msg = str(err.value)
+            assert msg.startswith(str(tmp_path / "big.png")), over
+            assert "large" in msg and "20x10 = 200 pixels" in msg and f"limit of {limit} pixels" in msg, msg
+            assert "corrupt" not in msg.split("(")[0] and "--max-pixels" in msg and "CAUSESEG_MAX_PIXELS" in msg
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # PIL's own guard is left alone
+    set_max_image_pixels(100)
+    assert load_image(tmp_path / "ok.png").size == (10, 10)  # at the limit is fine
+    set_max_image_pixels(None)  # no limit
+    assert load_image(tmp_path / "big.png").size == (20, 10)
+    monkeypatch.setenv("CAUSESEG_MAX_PIXELS", "199")  # the environment variable alone
+    with pytest.raises(DataError, match="limit of 199 pixels"):
+        load_image(tmp_path / "big.png")
+    monkeypatch.setenv("CAUSESEG_MAX_PIXELS", "0")
+    assert max_image_pixels() is None
+    monkeypatch.setenv("CAUSESEG_MAX_PIXELS", "lots")
+    with pytest.raises(ValueError, match="CAUSESEG_MAX_PIXELS='lots'"):
+        load_image(tmp_path / "big.png")
+    with pytest.raises(ValueError, match="positive integer"):
+        set_max_image_pixels(0)
+
+
+def test_image_folder_training_sees_photos_upright(tmp_path):
+    """User photos (dataset kind 'images') are read with their EXIF orientation, as `causeseg predict` reads
+    them; benchmark folders (PairedFolder) are not."""
+    from causeseg.data.datasets import ImageFolder
+
+    rng = np.random.default_rng(0)
+    arr = np.kron(rng.integers(0, 256, (6, 4, 3)), np.ones((8, 8, 1))).astype(np.uint8)  # 48 x 32, blocky
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    Image.fromarray(arr).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    stored = np.array(Image.open(tmp_path / "photo.jpg"))  # the decoded pixels, as stored
+    assert stored.shape == (48, 32, 3)
+    ds = ImageFolder(tmp_path, resolution=32, mode="none")
+    got = (ds[0]["image"] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    np.testing.assert_array_equal(got, np.rot90(stored, k=-1))  # (32, 48): upright

@@ -60,6 +60,8 @@ class SegmentationDataset(Dataset):
         source: a description used in error messages (the dataset root).
     """
 
+    exif_transpose = False  # apply the EXIF orientation tag (user photos only; benchmarks never)
+
     def __init__(self, samples: Sequence[Sample], label_map: LabelSpec = None, *, resolution: int = 320,
                  crop: str = "none", mode: str = "center", with_labels: bool = False, on_error: str = "raise",
                  source: str | Path = "", skipped: Iterable[tuple[str, str]] = ()) -> None:
@@ -114,7 +116,7 @@ class SegmentationDataset(Dataset):
 
     def _load(self, s: Sample):
         """Decoded image and (with labels) the mapped mask, with the size check."""
-        img = load_image(s.image)
+        img = load_image(s.image, exif_transpose=self.exif_transpose)
         label = None
         if self.with_labels and s.mask is not None:
             raw = load_mask(s.mask)
@@ -287,6 +289,8 @@ class ImageFolder(SegmentationDataset):
 
     Names are the relative paths without suffix (the stem for a flat folder).
     """
+
+    exif_transpose = True  # user photos: seen upright, as `causeseg predict` sees them
 
     def __init__(self, root: str | Path, *, resolution: int = 320, crop: str = "none", mode: str = "center",
                  on_error: str = "raise", with_labels: bool = False) -> None:

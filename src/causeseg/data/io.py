@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,6 +23,92 @@ class DataError(Exception):
     """
 
 
+#: Environment variable holding the largest image (in pixels) that is opened: a count, or 0 / none = no limit.
+MAX_PIXELS_ENV = "CAUSESEG_MAX_PIXELS"
+#: PIL's own guard against decompression bombs (89,478,485 pixels), the default limit.
+DEFAULT_MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+def set_max_image_pixels(n: int | None) -> None:
+    """Largest image (width x height) that :func:`load_image` / :func:`load_mask` open; ``None`` = no limit.
+
+    Stored in the ``CAUSESEG_MAX_PIXELS`` environment variable, so worker processes started afterwards
+    (data loaders) use it too. Larger images are a ``DataError`` that names the file, its pixel count and
+    the limit (PIL's guard against decompression bombs, not corruption). Only this module's readers use it:
+    PIL's global ``Image.MAX_IMAGE_PIXELS`` is left as it is.
+    """
+    if n is None:
+        os.environ[MAX_PIXELS_ENV] = "none"
+        return
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"max image pixels must be a positive integer or None (no limit), got {n!r}")
+    os.environ[MAX_PIXELS_ENV] = str(n)
+
+
+def max_image_pixels() -> int | None:
+    """The limit in force: ``CAUSESEG_MAX_PIXELS`` (a positive count; ``0`` or ``none`` = no limit) or PIL's default."""
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        return DEFAULT_MAX_PIXELS
+    if raw.lower() in ("none", "0"):
+        return None
+    try:
+        n = int(raw.replace("_", ""))
+    except ValueError:
+        n = -1
+    if n < 1:
+        raise ValueError(f"{MAX_PIXELS_ENV}={raw!r}: expected a positive pixel count, or 0 / none for no limit")
+    return n
+
+
+def _pil_open(path: Path, limit: int | None) -> Image.Image:
+    """``Image.open`` with PIL's size guard set to ``limit`` for this call only (the global is restored, so other
+    code keeps PIL's own setting). PIL warns above the guard and raises above twice it."""
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = limit
+        try:
+            return Image.open(path)
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _header_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from the header with no size guard (only to word the too-large message)."""
+    try:
+        with _pil_open(path, None) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - only used to improve a message
+        return None
+
+
+def _too_large(path: Path, limit: int | None) -> DataError:
+    size = _header_size(path)
+    what = f"{size[0]}x{size[1]} = {size[0] * size[1]:,} pixels" if size else "its pixel count"
+    return DataError(f"{path}: image is very large ({what}), over the limit of {limit:,} pixels (a guard against "
+                     f"decompression bombs, not a corrupt file); raise it with --max-pixels N or "
+                     f"{MAX_PIXELS_ENV}=N (0 or none = no limit)")
+
+
+def _open_checked(path: Path, what: str = "image") -> Image.Image:
+    """``Image.open`` (header only) under the pixel limit in force, with errors that name the file.
+
+    A larger image is a ``DataError`` saying it is large (pixel count and limit), not that it is corrupt.
+    """
+    limit = max_image_pixels()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            return _pil_open(path, limit)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise _too_large(path, limit) from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image file (PIL cannot identify its format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: corrupt or truncated {what} ({type(exc).__name__}: {exc})") from None
+
+
 def _open_full(path: Path, what: str, exif_transpose: bool = False) -> Image.Image:
     """Open ``path`` and force a full decode so that truncated or corrupt files fail here.
 
@@ -30,11 +118,10 @@ def _open_full(path: Path, what: str, exif_transpose: bool = False) -> Image.Ima
         raise DataError(f"{path}: {what} file not found")
     if not path.is_file():
         raise DataError(f"{path}: {what} path is not a file")
-    img = None
+    img = _open_checked(path, what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
             img.load()
             out = ImageOps.exif_transpose(img) if exif_transpose else img
             if out is img and getattr(img, "fp", None) is not None:
@@ -42,12 +129,9 @@ def _open_full(path: Path, what: str, exif_transpose: bool = False) -> Image.Ima
             if out is not img:
                 img.close()
             return out
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file (PIL cannot identify its format)") from None
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:
-        if img is not None:
-            img.close()
+        img.close()
         raise DataError(f"{path}: corrupt or truncated {what} ({type(exc).__name__}: {exc})") from None
 
 
@@ -111,14 +195,10 @@ def load_mask(path: str | Path) -> np.ndarray:
 
 
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file from its header, without decoding (``DataError`` if unreadable)."""
+    """(width, height) of an image file from its header, without decoding (``DataError`` if unreadable or over
+    the pixel limit)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image file (PIL cannot identify its format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise DataError(f"{path}: unreadable image header ({exc})") from None
+    with _open_checked(path) as img:
+        return img.size
