@@ -28,14 +28,11 @@ def bundled_photos() -> list[Path]:
 
 def run_demo(out: str | Path, images: str | Path | None = None, steps: int | None = None, seed: int = 0,
              progress: bool = True) -> dict:
-    import numpy as np
-    from PIL import Image
-
     from .config import load_config
-    from .figures import colorize, overlay
     from .model import CauseModel
-    from .predict import Predictor, predict_folder
+    from .predict import REPORT_NAME, Predictor, merge_report, predict_folder
     from .train import train_all
+    from .utils import atomic_write_json
 
     out = Path(out)
     img_dir = out / "images"
@@ -54,27 +51,41 @@ def run_demo(out: str | Path, images: str | Path | None = None, steps: int | Non
     model_path = train_all(cfg, out / "run")
     model = CauseModel.load(model_path)
     predictor = Predictor(model, flip=True, alpha=cfg.eval.alpha)
-    from .cli import _collect_inputs
-
-    files = _collect_inputs([str(img_dir)])
-    report = predict_folder(predictor, files, out / "predictions", resolution=cfg.eval.resolution, crf=True,
+    pred_dir = out / "predictions"
+    report = predict_folder(predictor, [img_dir], pred_dir, resolution=cfg.eval.resolution, crf=True,
                             progress=progress)
-    # one figure: image | segmentation | overlay per row
-    rows = []
-    for item in report["written"][:8]:
-        img = Image.open(item["file"]).convert("RGB")
-        img.thumbnail((256, 256))
-        lab = Image.open(item["labels"]).resize(img.size, Image.NEAREST)
-        lab_np = np.array(lab).astype(np.int64)
-        seg = colorize(lab_np)
-        ov = overlay(np.array(img), lab_np)
-        row = np.concatenate([np.array(img), seg, ov], axis=1)
-        pad = np.zeros((256, 256 * 3, 3), dtype=np.uint8)
-        pad[: row.shape[0], : row.shape[1]] = row
-        rows.append(pad)
-    fig_path = out / "demo.png"
-    Image.fromarray(np.concatenate(rows, axis=0)).save(fig_path)
+    atomic_write_json(merge_report(pred_dir, report), pred_dir / REPORT_NAME)
+    fig_path = demo_figure(report["written"][:8], pred_dir, out / "demo.png")
     summary = {"model": str(model_path), "figure": str(fig_path), "images": len(report["written"]),
-               "predictions": str(out / "predictions")}
+               "predictions": str(pred_dir)}
     (out / "demo.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def demo_figure(items: list[dict], pred_dir: str | Path, path: str | Path, side: int = 256) -> Path:
+    """One row per prediction: image | segmentation | overlay, each fitted in ``side`` x ``side``.
+
+    ``items`` are ``predict_folder`` report entries (``file``; ``labels`` relative to ``pred_dir``). The photo is
+    read with its EXIF orientation applied, as ``predict_folder`` reads it, so it lines up with its labels.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from .data.io import load_image
+    from .figures import colorize, overlay
+
+    rows = []
+    for item in items:
+        img = load_image(item["file"], exif_transpose=True)
+        img.thumbnail((side, side))
+        lab = Image.open(Path(pred_dir) / item["labels"]).resize(img.size, Image.NEAREST)
+        lab_np = np.array(lab).astype(np.int64)
+        row = np.zeros((side, side * 3, 3), dtype=np.uint8)  # three aligned columns, top-left in each cell
+        for k, cell in enumerate((np.array(img), colorize(lab_np), overlay(np.array(img), lab_np))):
+            row[: cell.shape[0], k * side: k * side + cell.shape[1]] = cell
+        rows.append(row)
+    if not rows:
+        raise ValueError("no predictions to draw")
+    path = Path(path)
+    Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+    return path
