@@ -1,7 +1,7 @@
 """Fully connected CRF refinement (Krähenbühl & Koltun 2011) on ``pydensecrf`` (PyPI package ``pydensecrf2``).
 
 Our own wrapper (the STEGO/HP/CAUSE ``crf.py`` is CC BY-NC and is not used). The protocol constants
-(cause-reference.md §1 item 12, §8.1 step 4; identical in STEGO, HP and CAUSE) are the defaults of
+(the official CAUSE `utils/utils.py` `dense_crf`; identical in STEGO, HP and CAUSE) are the defaults of
 :class:`CRFParams`: 10 mean-field iterations, a Gaussian (smoothness) kernel with ``sxy = 1`` and weight 3,
 and a bilateral (appearance) kernel with ``sxy = 67``, ``srgb = 3`` and weight 4. The unary is
 ``-log p`` of the per-pixel class probabilities (CAUSE: ``p = softmax(3·cos(y, centroids))``, see
@@ -119,7 +119,7 @@ def to_uint8_image(image01: Any, rounding: str = "truncate") -> np.ndarray:
     """Convert a (3, H, W) float image in [0, 1] (torch or numpy) to a writable C-contiguous (H, W, 3) uint8.
 
     ``rounding="truncate"`` reproduces ``torchvision.transforms.functional.to_pil_image`` (``(x·255).byte()``),
-    which the official evaluation uses before the CRF (cause-reference.md §8.1 step 4); ``"round"`` rounds.
+    which the official evaluation uses before the CRF (see :func:`protocol_image`); ``"round"`` rounds.
     """
     x = _to_numpy(image01).astype(np.float32)
     if x.ndim != 3 or x.shape[0] != 3:

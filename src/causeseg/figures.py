@@ -29,7 +29,7 @@ __all__ = [
     "save_concept_retrieval",
 ]
 
-# Cityscapes colours of labelIds 7..33 (the 27-class protocol order, cause-reference.md §9.5).
+# Cityscapes colours of labelIds 7..33 (the 27-class protocol order: labelId - 7).
 # "polegroup" shares "pole"'s colour in Cityscapes; it is shifted slightly here so that all 27 are distinct.
 _CITYSCAPES27 = [
     (128, 64, 128), (244, 35, 232), (250, 170, 160), (230, 150, 140), (70, 70, 70), (102, 102, 156),
@@ -361,7 +361,7 @@ def save_confusion(
 def concept_groups(
     concept_ids: Sequence[int], concept_distance: Any | None = None, phi_plus: float = 0.3
 ) -> list[np.ndarray]:
-    """For each concept ``c``: ``{c} ∪ {j : D_M[c, j] > φ⁺}`` (cause-reference.md §6.5), sorted.
+    """For each concept ``c``: ``{c} ∪ {j : D_M[c, j] > φ⁺}`` (CAUSE paper, concept-merging threshold), sorted.
 
     Without ``concept_distance`` each group is the concept alone.
     """

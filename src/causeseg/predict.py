@@ -1,7 +1,7 @@
 """Inference: centroid assignment, horizontal-flip TTA, bilinear upsampling, dense CRF.
 
 ``Predictor`` turns a batch of images into per-pixel class scores and labels following the
-field's protocol (cause-reference.md §8): the head output of the image and of its mirror are
+field's protocol (CAUSE `test_tr.py`, docs/evaluation.md): the head output of the image and of its mirror are
 averaged, upsampled bilinearly to the image size, compared by cosine with the C centroids; the
 CRF (optional) refines ``softmax(alpha * cos)``. ``predict_folder`` segments a user's own images
 of any size and format and writes label PNGs at their original resolution plus colour overlays.
