@@ -100,8 +100,19 @@ def test_manifest_order_and_missing_masks(tmp_path):
         PairedFolder(tmp_path, "camvid11")
     (tmp_path / "manifest.csv").unlink()
     (tmp_path / "masks" / "img1.png").unlink()
-    with pytest.raises(DataError, match="img1"):
-        PairedFolder(tmp_path, "camvid11")
+    with pytest.raises(DataError, match="img1"):  # evaluation: a missing mask is an error
+        PairedFolder(tmp_path, "camvid11", with_labels=True)
+    # training (no labels): every image is an item, the missing mask is irrelevant, even with no masks folder
+    assert [s.name for s in PairedFolder(tmp_path, "camvid11").samples] == ["img0", "img1", "img2"]
+    for m in (tmp_path / "masks").iterdir():
+        m.rename(tmp_path / m.name)
+    (tmp_path / "masks").rmdir()
+    assert len(PairedFolder(tmp_path, "camvid11", crop="five")) == 15
+    with pytest.raises(DataError, match="masks folder not found"):
+        PairedFolder(tmp_path, "camvid11", with_labels=True)
+    for m in tmp_path.glob("img*.png"):
+        (tmp_path / "masks").mkdir(exist_ok=True)
+        m.rename(tmp_path / "masks" / m.name)
     ds = PairedFolder(tmp_path, "camvid11", with_labels=True, allow_unlabelled=True, resolution=8)
     assert "label" in ds[0] and "label" not in ds[1]
     ds = PairedFolder(tmp_path, "camvid11", with_labels=True, on_error="skip", resolution=8)
@@ -282,3 +293,84 @@ def test_dataloader_workers_and_determinism(tmp_path):
     a = next(iter(torch.utils.data.DataLoader(ds, batch_size=20, collate_fn=collate)))
     b = next(iter(torch.utils.data.DataLoader(ds, batch_size=20, collate_fn=collate, num_workers=2)))
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"]) and a["name"] == b["name"]
+
+
+def test_training_lists_images_without_consulting_masks(tmp_path):
+    """with_labels=False: no layout needs a mask (none exist here); with_labels=True: a missing mask is an error."""
+    make_coco(tmp_path)
+    cs = tmp_path / "cityscapes"
+    write_image(cs / "leftImg8bit" / "train" / "ulm" / "ulm_000001_000019_leftImg8bit.png", 64, 32)
+    voc = tmp_path / "VOCdevkit" / "VOC2012"
+    write_image(voc / "JPEGImages" / "x1.jpg", 60, 30)
+    (voc / "ImageSets" / "Segmentation").mkdir(parents=True)
+    (voc / "ImageSets" / "Segmentation" / "train.txt").write_text("x1\n")
+    for n in ("f1", "f2"):
+        write_image(tmp_path / "CamVid" / "train" / f"{n}.png", 48, 36)
+    for f in (tmp_path / "cocostuff" / "annotations").rglob("*.png"):
+        f.unlink()
+    builders = {
+        "coco": lambda wl: CocoStuff(tmp_path, "train", with_labels=wl, crop="five"),
+        "cityscapes": lambda wl: Cityscapes(tmp_path, "train", with_labels=wl, crop="five"),
+        "voc": lambda wl: PascalVOC(tmp_path, "train", with_labels=wl, crop="five"),
+        "camvid": lambda wl: CamVid(tmp_path, "train", with_labels=wl, crop="five"),
+        "camvid-factory": lambda wl: build_dataset("camvid", tmp_path / "CamVid", "train", crop="five",
+                                                   with_labels=wl),
+    }
+    expect = {"coco": 3, "cityscapes": 1, "voc": 1, "camvid": 2, "camvid-factory": 2}
+    for name, build in builders.items():
+        ds = build(False)
+        assert ds.num_images == expect[name] and len(ds) == 5 * expect[name], name
+        assert all(s.mask is None for s in ds.samples) and "label" not in ds[0]
+        with pytest.raises(DataError, match="mask|gtFine|annot|SegmentationClass"):
+            build(True)
+
+
+def test_too_small_image_is_a_one_line_error_or_skipped(tmp_path):
+    make_paired(tmp_path, sizes=[(40, 30), (1, 1), (40, 30), (14, 40)])
+    ds = PairedFolder(tmp_path, resolution=8)
+    with pytest.raises(DataError) as ei:
+        ds[1]
+    msg = str(ei.value)
+    assert "img1.png" in msg and "1x1" in msg and "too small" in msg and "\n" not in msg
+    assert ds[3]["image"].shape == (3, 8, 8)  # 14x40 is fine without crops ...
+    five = PairedFolder(tmp_path, resolution=8, crop="five")
+    with pytest.raises(DataError, match=r"img3\.png.*14x40.*'five' crop"):  # ... but its 7x20 crops are not
+        five[15]
+    skip = PairedFolder(tmp_path, resolution=8, crop="five", on_error="skip")
+    assert [s.name for s in skip.samples] == ["img0", "img2"]
+    assert sorted(Path(p).stem for p, _ in skip.skipped) == ["img1", "img3"]
+
+
+def test_load_items_decodes_each_image_once_and_matches_getitem(tmp_path):
+    make_paired(tmp_path, sizes=[(40, 30), (30, 40), (50, 50)])
+    ds = PairedFolder(tmp_path, resolution=8, crop="ten")
+    ds.decode_cache = 0
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    items = ds.load_items(order)
+    assert items.dtype == torch.uint8 and items.shape == (30, 3, 8, 8)
+    assert ds.decodes == 3  # one decode per source image for its ten crops
+    for pos, i in enumerate(order):
+        assert torch.equal(items[pos].float().div_(255), ds[i]["image"])
+    assert ds.decodes == 3 + 30  # no cache: __getitem__ decodes per item
+    cached = PairedFolder(tmp_path, resolution=8, crop="ten")  # default LRU of decoded images
+    for i in range(len(cached)):
+        cached[i]
+    assert cached.decodes == 3
+
+
+def test_fingerprint_tracks_the_file_list(tmp_path):
+    import os
+
+    make_paired(tmp_path)
+    fp = PairedFolder(tmp_path, resolution=8).fingerprint()
+    assert PairedFolder(tmp_path, resolution=8).fingerprint() == fp
+    assert PairedFolder(tmp_path, resolution=16).fingerprint() != fp
+    assert PairedFolder(tmp_path, resolution=8, crop="five").fingerprint() != fp
+    (tmp_path / "masks" / "img0.png").write_bytes(b"changed")  # masks are not inputs of training
+    assert PairedFolder(tmp_path, resolution=8).fingerprint() == fp
+    st = os.stat(tmp_path / "images" / "img0.png")
+    os.utime(tmp_path / "images" / "img0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert PairedFolder(tmp_path, resolution=8).fingerprint() != fp
+    fp2 = PairedFolder(tmp_path, resolution=8).fingerprint()
+    (tmp_path / "images" / "img2.png").unlink()
+    assert PairedFolder(tmp_path, resolution=8).fingerprint() != fp2

@@ -5,12 +5,20 @@ Every dataset yields dicts ``{"image": float (3, S, S) in [0, 1], "label": int64
 Training code always passes ``with_labels=False``: masks are then never opened.
 
 Item ``i`` is crop ``i % n`` of image ``i // n`` (``n`` crops per image, image-major), so the order is deterministic.
+
+Label-free by construction: with ``with_labels=False`` (training) the datasets list images without consulting masks
+at all (no mask path is built, stat-ed or opened), so every image is a training item whether or not it has a mask.
+A decoded source image is reused for all of its crops (``load_items`` and a small per-process LRU of decoded images),
+so a five-crop epoch decodes each image once, not five times.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -28,6 +36,10 @@ from .transforms import MODES, mask_to_tensor, protocol_transform, to_tensor01
 log = logging.getLogger(__name__)
 
 LabelSpec = str | Mapping[str, Any] | LabelMap | None
+
+#: smallest crop side (pixels, before the resize to the training resolution) accepted from a source image: a smaller
+#: crop (e.g. of a 1x1 image) carries no structure for a backbone patch and is a data error naming the file
+MIN_CROP_SIDE = 8
 
 
 @dataclass(frozen=True)
@@ -58,13 +70,15 @@ class SegmentationDataset(Dataset):
         on_error: 'raise' (errors surface when an item is read) or 'skip' (every file is decoded and checked at
             construction; bad samples are dropped and listed in ``self.skipped`` as (path, reason)).
         source: a description used in error messages (the dataset root).
+        decode_cache: decoded source images kept per process (LRU, by sample index), so the crops of an image read
+            one after the other decode it once; 0 turns it off.
     """
 
     exif_transpose = False  # apply the EXIF orientation tag (user photos only; benchmarks never)
 
     def __init__(self, samples: Sequence[Sample], label_map: LabelSpec = None, *, resolution: int = 320,
                  crop: str = "none", mode: str = "center", with_labels: bool = False, on_error: str = "raise",
-                 source: str | Path = "", skipped: Iterable[tuple[str, str]] = ()) -> None:
+                 source: str | Path = "", skipped: Iterable[tuple[str, str]] = (), decode_cache: int = 2) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         if mode not in MODES:
@@ -80,6 +94,9 @@ class SegmentationDataset(Dataset):
         self.source = str(source)
         self.label_map = _resolve_label_map(label_map)
         self.skipped: list[tuple[str, str]] = list(skipped)
+        self.decode_cache = max(int(decode_cache), 0)
+        self._decoded: OrderedDict[int, tuple[Any, Any]] = OrderedDict()
+        self.decodes = 0  # source images decoded by this process (for benchmarks and tests)
         samples = list(samples)
         if self.with_labels and self.label_map is None and any(s.mask is not None for s in samples):
             raise ValueError(f"{self.source}: with_labels=True needs a label map (label_spec)")
@@ -115,8 +132,10 @@ class SegmentationDataset(Dataset):
         return good
 
     def _load(self, s: Sample):
-        """Decoded image and (with labels) the mapped mask, with the size check."""
+        """Decoded image and (with labels) the mapped mask, with the size checks."""
         img = load_image(s.image, exif_transpose=self.exif_transpose)
+        self.decodes += 1
+        self._check_size(s, img.size)
         label = None
         if self.with_labels and s.mask is not None:
             raw = load_mask(s.mask)
@@ -127,25 +146,106 @@ class SegmentationDataset(Dataset):
             label = self.label_map.apply(raw, source=s.mask)
         return img, label
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if index < 0:
-            index += len(self)
-        if not 0 <= index < len(self):
-            raise IndexError(f"index {index} out of range for {len(self)} items")
-        s = self.samples[index // self.crops_per_image]
-        j = index % self.crops_per_image
-        img, label = self._load(s)
-        name = s.name
+    def _check_size(self, s: Sample, size: tuple[int, int]) -> None:
+        """An image too small for its crops (or for a backbone patch) is a ``DataError`` naming the file."""
+        w, h = size
+        try:
+            boxes = crop_boxes(self.crop, w, h)
+        except ValueError:
+            boxes = []
+        small = min((min(b.width, b.height) for b in boxes), default=0)
+        if small < MIN_CROP_SIDE:
+            what = "the image" if self.crop == "none" else f"its smallest {self.crop!r} crop"
+            raise DataError(f"{s.image}: image is {w}x{h} pixels, too small: {what} would have a side under "
+                            f"{MIN_CROP_SIDE} px")
+
+    def _decoded_sample(self, k: int):
+        """``_load`` of sample ``k`` through the per-process LRU of decoded images."""
+        hit = self._decoded.get(k)
+        if hit is not None:
+            self._decoded.move_to_end(k)
+            return hit
+        out = self._load(self.samples[k])
+        if self.decode_cache:
+            self._decoded[k] = out
+            while len(self._decoded) > self.decode_cache:
+                self._decoded.popitem(last=False)
+        return out
+
+    def _crop_item(self, img, label, k: int, j: int):
+        """Crop ``j`` of decoded sample ``k`` after the protocol transform: (PIL image, label or None, name)."""
+        name = self.samples[k].name
         if self.crop != "none":
             box = crop_boxes(self.crop, img.size[0], img.size[1])[j]
             img = apply_crop(img, box)
             label = apply_crop(label, box) if label is not None else None
-            name = f"{s.name}_crop{j:02d}"
+            name = f"{name}_crop{j:02d}"
         img, label = protocol_transform(img, label, self.resolution, self.mode)
+        return img, label, name
+
+    def _check_index(self, index: int) -> int:
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} items")
+        return index
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = self._check_index(index)
+        k, j = divmod(index, self.crops_per_image)
+        img, label = self._decoded_sample(k)
+        img, label, name = self._crop_item(img, label, k, j)
         item: dict[str, Any] = {"image": to_tensor01(img), "index": index, "name": name}
         if label is not None:
             item["label"] = mask_to_tensor(label)
         return item
+
+    def load_items(self, indices: Sequence[int]) -> torch.Tensor:
+        """Images of several items as one uint8 tensor (len, 3, S, S), in the order given.
+
+        The items are grouped by source image, so each image is decoded once for all of its crops among
+        ``indices`` (``image.float() / 255`` equals ``self[i]["image"]`` exactly). Labels are not read.
+        """
+        idx = [self._check_index(int(i)) for i in indices]
+        parts: list[torch.Tensor] = [torch.empty(0)] * len(idx)
+        by_image: dict[int, list[int]] = {}
+        for pos, i in enumerate(idx):
+            by_image.setdefault(i // self.crops_per_image, []).append(pos)
+        for k, positions in by_image.items():
+            img = self._load_image_only(k) if self.with_labels else self._decoded_sample(k)[0]
+            for pos in positions:
+                crop, _, _ = self._crop_item(img, None, k, idx[pos] % self.crops_per_image)
+                parts[pos] = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1)
+        if not parts:
+            return torch.empty((0, 3, self.resolution, self.resolution), dtype=torch.uint8)
+        return torch.stack(parts)
+
+    def _load_image_only(self, k: int):
+        s = self.samples[k]
+        img = load_image(s.image, exif_transpose=self.exif_transpose)
+        self.decodes += 1
+        self._check_size(s, img.size)
+        return img
+
+    def fingerprint(self) -> str:
+        """A digest of what the items are made of: kind, geometry and every source image's path, size and mtime.
+
+        Masks are not part of it (training never reads them). Used as part of the feature-cache key.
+        """
+        h = hashlib.sha1()
+        h.update(repr((type(self).__name__, self.crop, self.resolution, self.mode, len(self.samples))).encode())
+        for s in self.samples:
+            try:
+                st = os.stat(s.image)
+                h.update(f"{s.image}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{s.image}|missing\n".encode())
+        return h.hexdigest()
+
+    def __getstate__(self) -> dict[str, Any]:  # workers start with an empty decode cache
+        state = dict(self.__dict__)
+        state["_decoded"] = OrderedDict()
+        return state
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.source!r}, images={len(self.samples)}, crop={self.crop!r}, "
@@ -178,11 +278,17 @@ def _require_dir(path: Path, what: str) -> Path:
 
 
 def _check_pairs(pairs: list[tuple[str, Path, Path | None]], on_error: str, require_mask: bool,
-                 source: Path) -> tuple[list[Sample], list[tuple[str, str]]]:
-    """Existence checks: missing image -> error; missing mask -> error when ``require_mask``."""
+                 source: Path, with_labels: bool = True) -> tuple[list[Sample], list[tuple[str, str]]]:
+    """Existence checks: missing image -> error; missing mask -> error when ``require_mask``.
+
+    ``with_labels=False`` (training): masks are not consulted at all (every sample gets ``mask=None``).
+    """
     samples, skipped = [], []
     for name, img, mask in pairs:
         problem = None
+        if not with_labels:
+            mask = None
+            require_mask = False
         if not img.is_file():
             problem = (str(img), f"{img}: image file not found (listed by {source})")
         elif mask is not None and not mask.is_file():
@@ -237,7 +343,8 @@ class PairedFolder(SegmentationDataset):
     """``root/images/<id>.<ext>`` with ``root/masks/<id>.<ext>`` matched by stem.
 
     Order: ``root/manifest.csv`` (column ``id``) when present (images not listed there are appended in sorted order,
-    with a warning), else sorted by stem. An image without a mask is an error unless ``allow_unlabelled=True``.
+    with a warning), else sorted by stem. With ``with_labels=True`` an image without a mask is an error unless
+    ``allow_unlabelled=True``; with ``with_labels=False`` (training) the masks folder is not looked at.
     """
 
     def __init__(self, root: str | Path, label_map: LabelSpec = None, *, resolution: int = 320, crop: str = "none",
@@ -247,14 +354,18 @@ class PairedFolder(SegmentationDataset):
         images = _by_stem(_require_dir(root / images_dir, "images"), "image")
         if not images:
             raise DataError(f"{root / images_dir}: no images found (extensions {sorted(IMAGE_EXTENSIONS)})")
-        mdir = root / masks_dir
-        if not mdir.is_dir() and not allow_unlabelled:
-            raise DataError(f"{mdir}: masks folder not found (pass allow_unlabelled=True for images without masks)")
-        masks = _by_stem(mdir, "mask") if mdir.is_dir() else {}
+        masks: dict[str, Path] = {}
+        if with_labels:
+            mdir = root / masks_dir
+            if not mdir.is_dir() and not allow_unlabelled:
+                raise DataError(f"{mdir}: masks folder not found (pass allow_unlabelled=True for images without "
+                                "masks)")
+            masks = _by_stem(mdir, "mask") if mdir.is_dir() else {}
         order = self._order(root, images, on_error)
         pairs = [(stem, images.get(stem, root / images_dir / f"{stem}.<missing>"), masks.get(stem))
                  for stem in order]
-        samples, skipped = _check_pairs(pairs, on_error, require_mask=not allow_unlabelled, source=root)
+        samples, skipped = _check_pairs(pairs, on_error, require_mask=not allow_unlabelled, source=root,
+                                        with_labels=with_labels)
         super().__init__(samples, label_map, resolution=resolution, crop=crop, mode=mode, with_labels=with_labels,
                          on_error=on_error, source=root, skipped=skipped)
 
@@ -333,8 +444,9 @@ class CocoStuff(SegmentationDataset):
         key = "train" if sdir.startswith("train") else "val"
         lst = base / "curated" / sdir / (list_file or _COCO_LISTS[classes][key])
         ids = _read_list(lst)
-        pairs = [(i, base / "images" / sdir / f"{i}.jpg", base / "annotations" / sdir / f"{i}.png") for i in ids]
-        samples, skipped = _check_pairs(pairs, on_error, require_mask=True, source=lst)
+        pairs = [(i, base / "images" / sdir / f"{i}.jpg",
+                  base / "annotations" / sdir / f"{i}.png" if with_labels else None) for i in ids]
+        samples, skipped = _check_pairs(pairs, on_error, require_mask=True, source=lst, with_labels=with_labels)
         lm = label_map if label_map is not None else {27: "cocostuff27", 81: "coco81", 171: "coco171"}[classes]
         super().__init__(samples, lm, resolution=resolution, crop=crop, mode=mode, with_labels=with_labels,
                          on_error=on_error, source=lst, skipped=skipped)
@@ -359,8 +471,9 @@ class Cityscapes(SegmentationDataset):
         pairs = []
         for f in files:
             stem = f.name[: -len("_leftImg8bit.png")]
-            pairs.append((stem, f, base / "gtFine" / split / f.parent.name / f"{stem}_gtFine_labelIds.png"))
-        samples, skipped = _check_pairs(pairs, on_error, require_mask=True, source=idir)
+            mask = base / "gtFine" / split / f.parent.name / f"{stem}_gtFine_labelIds.png" if with_labels else None
+            pairs.append((stem, f, mask))
+        samples, skipped = _check_pairs(pairs, on_error, require_mask=True, source=idir, with_labels=with_labels)
         super().__init__(samples, label_map or "cityscapes27", resolution=resolution, crop=crop, mode=mode,
                          with_labels=with_labels, on_error=on_error, source=idir, skipped=skipped)
 
@@ -381,8 +494,9 @@ class PascalVOC(SegmentationDataset):
                           "JPEGImages", "Pascal VOC 2012")
         lst = base / "ImageSets" / "Segmentation" / f"{split}.txt"
         ids = _read_list(lst)
-        pairs = [(i, base / "JPEGImages" / f"{i}.jpg", base / "SegmentationClass" / f"{i}.png") for i in ids]
-        samples, skipped = _check_pairs(pairs, on_error, require_mask=True, source=lst)
+        pairs = [(i, base / "JPEGImages" / f"{i}.jpg",
+                  base / "SegmentationClass" / f"{i}.png" if with_labels else None) for i in ids]
+        samples, skipped = _check_pairs(pairs, on_error, require_mask=True, source=lst, with_labels=with_labels)
         super().__init__(samples, label_map or "voc21", resolution=resolution, crop=crop, mode=mode,
                          with_labels=with_labels, on_error=on_error, source=lst, skipped=skipped)
 
@@ -402,8 +516,8 @@ class CamVid(SegmentationDataset):
         files = sorted(p for p in idir.iterdir() if _is_image(p))
         if not files:
             raise DataError(f"{idir}: no images found")
-        pairs = [(f.stem, f, base / f"{split}annot" / f.name) for f in files]
-        samples, skipped = _check_pairs(pairs, on_error, require_mask=True, source=idir)
+        pairs = [(f.stem, f, base / f"{split}annot" / f.name if with_labels else None) for f in files]
+        samples, skipped = _check_pairs(pairs, on_error, require_mask=True, source=idir, with_labels=with_labels)
         super().__init__(samples, label_map or "camvid11", resolution=resolution, crop=crop, mode=mode,
                          with_labels=with_labels, on_error=on_error, source=idir, skipped=skipped)
 
@@ -439,7 +553,8 @@ def build_dataset(name: str, root: str | Path, split: str = "train", resolution:
     if key == "voc":
         return PascalVOC(root, split, label_map=label_spec, **common)
     if key == "camvid":
-        if (root / "CamVid" / split).is_dir() or (root / split).is_dir() and (root / f"{split}annot").is_dir():
+        # SegNet layout (CamVid/<split>/*.png); decided without looking at the annotation folders
+        if (root / "CamVid" / split).is_dir() or (root / split).is_dir() and not (root / split / "images").is_dir():
             return CamVid(root, split, label_map=label_spec, **common)
         return PairedFolder(_paired_root(root, split), label_spec or "camvid11", **common)
     if key == "paired":
