@@ -374,3 +374,110 @@ def test_fingerprint_tracks_the_file_list(tmp_path):
     fp2 = PairedFolder(tmp_path, resolution=8).fingerprint()
     (tmp_path / "images" / "img2.png").unlink()
     assert PairedFolder(tmp_path, resolution=8).fingerprint() != fp2
+
+
+# ----------------------------------------------------------------------------------------------
+# input pipeline: grouped epoch order, windowed loading, feature-cache fingerprint, workers
+# ----------------------------------------------------------------------------------------------
+def test_grouped_epoch_order_is_a_pure_windowed_permutation():
+    from causeseg.features import epoch_order
+
+    n, group, window = 5 * 32, 5, 20
+    order = epoch_order(n, 3, 1, group, window)
+    assert sorted(order.tolist()) == list(range(n))
+    assert torch.equal(order, epoch_order(n, 3, 1, group, window))  # pure function of its arguments
+    assert not torch.equal(order, epoch_order(n, 3, 2, group, window))
+    for start in range(0, n, window):  # every window holds whole images: 4 images x 5 crops
+        images = torch.bincount(order[start:start + window] // group, minlength=32)
+        assert set(images[images > 0].tolist()) == {5} and int((images > 0).sum()) == 4
+    assert len(set((order[:window] // group).tolist())) == 4 and order[:5].tolist() != sorted(order[:5].tolist())
+    g = torch.Generator().manual_seed(3 * 1_000_003 + 1 * 7919 + 17)  # one crop per image: the plain permutation
+    assert torch.equal(epoch_order(n, 3, 1), torch.randperm(n, generator=g))
+    assert torch.equal(epoch_order(n, 3, 1, group, 0), epoch_order(n, 3, 1))
+    with pytest.raises(ValueError, match="whole number"):
+        epoch_order(11, 0, 0, 5)
+
+
+class _PoolBackbone(torch.nn.Module):
+    """A deterministic stand-in backbone: 4x4 average pooling (features = pooled pixels)."""
+
+    def forward(self, x):
+        return torch.nn.functional.avg_pool2d(x, 4)
+
+
+def test_feature_source_batches_match_the_items_with_and_without_workers(tmp_path, caplog):
+    import logging
+
+    from causeseg.features import FeatureSource, epoch_order
+
+    make_paired(tmp_path / "d", sizes=[(40, 30), (30, 40), (50, 50), (44, 36)])
+    ds = PairedFolder(tmp_path / "d", resolution=8, crop="five")
+    ref = _PoolBackbone()(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    for workers in (0, 1):
+        with caplog.at_level(logging.INFO, logger="causeseg.features"):
+            src = FeatureSource(_PoolBackbone(), ds, device=torch.device("cpu"), amp="off", cache="off",
+                                num_workers=workers, progress=False, window=10)
+        assert "feature cache off (run.feature_cache=off" in caplog.text and "decodes 4 source images" in caplog.text
+        got = list(src.batches(3, 1, 7))
+        idx = torch.cat([b[2] for b in got])
+        assert torch.equal(idx, epoch_order(20, 7, 1, 5, 10)[:18])  # 6 full batches of 3
+        assert [b[0] for b in got] == list(range(6))
+        for _, feats, i in got:
+            assert torch.equal(feats, ref[i])  # uint8 crops -> float on the device: exactly ToTensor's values
+        rest = torch.cat([b[2] for b in src.batches(3, 1, 7, offset=6)])  # resume at a sample offset
+        assert torch.equal(rest, idx[6:])
+
+
+def test_feature_cache_fingerprint_is_recorded_and_checked(tmp_path, caplog):
+    import json
+    import logging
+    import os
+
+    from causeseg.features import FeatureSource
+
+    make_paired(tmp_path / "d")
+    ds = PairedFolder(tmp_path / "d", resolution=8, crop="five")
+
+    def source(amp="off"):
+        return FeatureSource(_PoolBackbone(), PairedFolder(tmp_path / "d", resolution=8, crop="five"),
+                             device=torch.device("cpu"), amp=amp, cache="on", cache_dir=tmp_path / "cache",
+                             num_workers=0, progress=False, signature="bb|res8")
+
+    src = source()
+    assert src.cached
+    (meta,) = (tmp_path / "cache").glob("*.json")
+    fp = json.loads(meta.read_text())
+    assert fp["files"] == ds.fingerprint() and fp["amp_dtype"] == "float32" and fp["signature"] == "bb|res8"
+    assert fp["n"] == 15 and fp["shape"] == [3, 2, 2]
+    assert source("bf16").fingerprint("bb|res8")["amp_dtype"] == "bfloat16"  # another dtype: another cache file
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+    # an image changes: another key, another cache
+    st = os.stat(tmp_path / "d" / "images" / "img1.png")
+    os.utime(tmp_path / "d" / "images" / "img1.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    source()
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 3
+    # a cache whose record does not match what is asked for is rebuilt, not used
+    (meta,) = [m for m in (tmp_path / "cache").glob("*.json") if json.loads(m.read_text())["files"] ==
+               PairedFolder(tmp_path / "d", resolution=8, crop="five").fingerprint() and
+               json.loads(m.read_text())["amp_dtype"] == "float32"]
+    bad = json.loads(meta.read_text())
+    bad["files"] = "something else"
+    meta.write_text(json.dumps(bad))
+    with caplog.at_level(logging.WARNING, logger="causeseg.features"):
+        src = source()
+    assert "made from other inputs" in caplog.text
+    assert json.loads(meta.read_text())["files"] != "something else"
+    assert torch.equal(next(src.batches(15, 0, 0, shuffle=False))[1],
+                       _PoolBackbone()(torch.stack([ds[i]["image"] for i in range(15)])).half().float())
+
+
+def test_auto_num_workers():
+    from causeseg.features import auto_num_workers, resolve_num_workers
+
+    assert auto_num_workers(cores=2, local_processes=1) == 1
+    assert auto_num_workers(cores=1, local_processes=1) == 0
+    assert auto_num_workers(cores=64, local_processes=1) == 16
+    assert auto_num_workers(cores=16, local_processes=2) == 7
+    assert resolve_num_workers(3) == 3 and resolve_num_workers(None) == auto_num_workers()
+    with pytest.raises(ValueError, match="num_workers"):
+        resolve_num_workers(-1)
