@@ -94,9 +94,9 @@ def test_predict_folder_and_bad_files(trained, camvid_tiny, tmp_path, capsys):
     Image.fromarray(np16).save(inputs / "c16.png")
     out = tmp_path / "pred"
     assert main(["predict", str(inputs), "-m", str(trained / "model.pt"), "-o", str(out), "--no-progress"]) == 0
-    for stem in ("a", "b", "c16"):
-        assert Image.open(out / "labels" / f"{stem}.png").size == img.size
-        assert (out / "overlays" / f"{stem}.png").exists()
+    for name in ("a.jpg", "b.png", "c16.png"):  # outputs keep the input's suffix: never two inputs on one file
+        assert Image.open(out / "labels" / f"{name}.png").size == img.size
+        assert (out / "overlays" / f"{name}.png").exists()
     # a corrupt file: a clear error naming it, or skipped and reported with --skip-bad
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     assert main(["predict", str(inputs), "-m", str(trained / "model.pt"), "-o", str(out), "--no-progress"]) == 2

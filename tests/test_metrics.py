@@ -33,16 +33,25 @@ def naive_confusion(pred, gt, k, c):
 
 def test_confusion_matches_naive_loop_with_ignores():
     rng = np.random.default_rng(0)
-    pred = rng.integers(-1, 6, size=(3, 7, 9))  # -1 and 5 are out of range for K=5
-    gt = rng.integers(-1, 5, size=(3, 7, 9))  # -1 and 4 are out of range for C=4
+    pred = rng.integers(0, 5, size=(3, 7, 9))
+    gt = rng.integers(-1, 5, size=(3, 7, 9))  # -1 and 4 are out of range for C=4: ignored
     conf = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(gt), 5, 4)
     assert conf.dtype == torch.int64 and tuple(conf.shape) == (5, 4)
     np.testing.assert_array_equal(conf.numpy(), naive_confusion(pred, gt, 5, 4))
     # numpy input is accepted and gives the same counts
     np.testing.assert_array_equal(confusion_matrix(pred, gt, 5, 4).numpy(), conf.numpy())
     # every ignored pixel is really absent
-    valid = (gt >= 0) & (gt < 4) & (pred >= 0) & (pred < 5)
+    valid = (gt >= 0) & (gt < 4)
     assert int(conf.sum()) == int(valid.sum())
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_confusion_refuses_predictions_outside_the_clusters(bad):
+    """A prediction the confusion cannot hold is an error, never silently dropped from the score."""
+    pred = np.zeros((2, 3), dtype=np.int64)
+    pred[1, 2] = bad
+    with pytest.raises(ValueError, match=r"outside \[0, 5\)"):
+        confusion_matrix(pred, np.zeros((2, 3), dtype=np.int64), 5, 4)
 
 
 def test_confusion_shape_mismatch_names_shapes_and_source():

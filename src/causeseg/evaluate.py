@@ -36,9 +36,12 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
     from .crf import CRFRunner
 
     ctx = D.current()
+    if getattr(dataset, "with_labels", True) is False:
+        raise ValueError(f"{getattr(dataset, 'source', dataset)}: evaluation needs masks (a labelled dataset)")
     idx = list(range(ctx.rank, len(dataset), ctx.world_size))
     loader = DataLoader(Subset(dataset, idx), batch_size=batch_size, collate_fn=collate, num_workers=num_workers)
     plain = UnsupervisedMetrics(num_classes)
+    single = UnsupervisedMetrics(num_classes) if predictor.flip else None  # the official "without CRF" number
     refined = UnsupervisedMetrics(num_classes) if crf else None
     keep: dict[str, list] = {"images": [], "gts": [], "preds": [], "crf": [], "concepts": []}
     crf_seconds = 0.0
@@ -46,11 +49,18 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
     runner = CRFRunner(workers=crf_workers, timeout=crf_timeout) if crf else None
     t0 = time.perf_counter()
     try:
-        for batch in tqdm(loader, desc="evaluate", unit="batch", disable=not (progress and ctx.is_main)):
+        bar = tqdm(total=len(idx), desc="evaluate", unit="img", disable=not (progress and ctx.is_main))
+        for batch in loader:
+            if "label" not in batch:
+                raise ValueError(f"{getattr(dataset, 'source', 'dataset')}: images without masks "
+                                 f"({batch['name'][:3]}): evaluation needs a mask for every image")
             images, labels = batch["image"], batch["label"]
-            scores = predictor.scores(images)
+            scores, single_scores = _scores(predictor, images, want_single=single is not None)
             pred = scores.argmax(1).cpu()
+            _check_predictions(pred, num_classes)
             plain.update(pred, labels)
+            if single is not None:
+                single.update(single_scores.argmax(1).cpu(), labels)
             crf_pred = None
             if runner is not None:
                 t = time.perf_counter()
@@ -59,6 +69,7 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
                 crf_pred = torch.from_numpy(np.stack([o.argmax(0) for o in out])).long()
                 refined.update(crf_pred, labels)
             n_images += len(images)
+            bar.update(len(images))
             if len(keep["images"]) < figures:
                 take = figures - len(keep["images"])
                 keep["images"] += list(to_uint8(images[:take]))
@@ -67,13 +78,14 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
                 keep["concepts"] += _concept_maps(predictor, images[:take])
                 if crf_pred is not None:
                     keep["crf"] += list(crf_pred[:take].numpy())
+        bar.close()
     finally:
         if runner is not None:
             crf_timeouts = int(getattr(runner, "num_timeouts", 0))
             runner.close()
     # the confusion of the whole split, then one Hungarian matching
     reduce_device = predictor.device if predictor.device.type == "cuda" else torch.device("cpu")
-    for m in (plain, refined):
+    for m in (plain, single, refined):
         if m is not None and ctx.enabled:
             m.confusion = m.confusion.to(reduce_device)  # NCCL reduces CUDA tensors only
             m.all_reduce()
@@ -83,8 +95,10 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
     res: dict[str, Any] = {"num_images": int(total_images.item()), "num_classes": num_classes,
                            "protocol": "Hungarian matching on the dataset-level confusion matrix (one-to-one)",
                            "flip_tta": predictor.flip, "alpha": predictor.alpha,
-                           "seconds": time.perf_counter() - t0}
+                           "seconds": time.perf_counter() - t0, "settings": _SETTINGS}
     res["no_crf"] = plain.compute()
+    if single is not None:
+        res["no_crf_single_view"] = single.compute()
     if refined is not None:
         res["crf"] = refined.compute()
         res["crf_seconds_per_image"] = crf_seconds / max(n_images, 1)
@@ -93,9 +107,50 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(to_json(res), out_dir / "metrics.json")
-        _figures(out_dir / "figures", keep, res, class_names, num_classes,
-                 codebook=getattr(predictor.model, "codebook", None))
+        try:  # figures are a courtesy: they never cost the user the metrics written above
+            _figures(out_dir / "figures", keep, res, class_names, num_classes,
+                     codebook=getattr(predictor.model, "codebook", None))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("figures not written (%s: %s); metrics.json is complete", type(exc).__name__, exc)
     return res
+
+
+_SETTINGS = {
+    "no_crf_single_view": "one view, no flip, no CRF: the official code's 'without CRF' number (test_without_crf)",
+    "no_crf": "flip TTA (head outputs of the image and its mirror averaged), no CRF",
+    "crf": "flip TTA + dense CRF: the official code's reported setting",
+}
+
+
+def _scores(predictor: Predictor, images: torch.Tensor, want_single: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Class scores of the predictor's setting and, with flip TTA, of the single (unflipped) view, from the
+    same two forward passes: ``tta = (y + unflip(y_flip)) / 2`` as :func:`causeseg.tta.flip_average` computes."""
+    if not (want_single and predictor.flip):
+        return predictor.scores(images), None
+    from .features import autocast_context
+    from .tta import hflip, upsample
+
+    x = images.to(predictor.device)
+    with torch.no_grad(), autocast_context(predictor.device, predictor.amp):
+        y = predictor.model.embed(x)
+        y_flip = predictor.model.embed(hflip(x))
+    y, y_flip = y.float(), y_flip.float()
+    tta = ((y + hflip(y_flip)) / 2).float()
+    size = tuple(x.shape[-2:])
+
+    def score(maps):
+        return torch.cat([predictor.alpha * predictor.model.cosine(upsample(maps[i:i + 1], size))
+                          for i in range(len(maps))])
+
+    return score(tta), score(y)
+
+
+def _check_predictions(pred: torch.Tensor, num_classes: int) -> None:
+    """Every prediction must be a class id the metrics count: none may be dropped from the score."""
+    top = int(pred.max()) if pred.numel() else 0
+    if top >= num_classes or (pred.numel() and int(pred.min()) < 0):
+        raise ValueError(f"predicted cluster {top} is outside [0, {num_classes}): the model has more clusters than "
+                         f"the evaluation has classes")
 
 
 def _concept_maps(predictor: Predictor, images: torch.Tensor) -> list:
@@ -118,7 +173,8 @@ def _figures(fig_dir: Path, keep: dict, res: dict, class_names, num_classes: int
     fig_dir.mkdir(parents=True, exist_ok=True)
     best = res.get("crf", res["no_crf"])
     mapping = np.asarray(best["mapping"]) if "mapping" in best else np.arange(num_classes)
-    names = class_names or [f"class {i}" for i in range(num_classes)]
+    names = class_names if class_names and len(class_names) == num_classes else [f"class {i}"
+                                                                                 for i in range(num_classes)]
     if keep["images"]:
         preds = [mapping[p] for p in (keep["crf"] or keep["preds"])]
         save_prediction_grid(fig_dir / "predictions.png", keep["images"], preds, keep["gts"])

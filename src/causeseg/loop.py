@@ -24,6 +24,10 @@ from .utils import atomic_torch_save
 log = logging.getLogger(__name__)
 
 
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed (unreadable, of another step, or lacking state); names the file."""
+
+
 class TrainingInterrupted(RuntimeError):
     """Raised after ``stop_after`` steps (tests and time-boxed runs); the checkpoint is on disk."""
 
@@ -44,6 +48,7 @@ class LoopSpec:
     checkpoint_every: int = 100
     progress: bool = True
     ctx: DistContext | None = None
+    fingerprint: dict | None = None  # what the step depends on; written beside each checkpoint
 
 
 def _rng_state() -> dict:
@@ -133,19 +138,23 @@ def run_loop(
     per_step = spec.batch_size * ctx.world_size
     epoch, offset, global_step = 0, 0, 0
     if spec.checkpoint.exists():
-        ck = torch.load(spec.checkpoint, map_location="cpu", weights_only=False)
+        try:
+            ck = torch.load(spec.checkpoint, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - truncated, foreign, or holding Python objects
+            raise ResumeError(f"{spec.checkpoint}: cannot read this checkpoint ({type(exc).__name__}); "
+                               f"delete it to restart this step") from exc
         if ck.get("name") != spec.name:
-            raise RuntimeError(f"{spec.checkpoint}: checkpoint of '{ck.get('name')}', expected '{spec.name}'")
+            raise ResumeError(f"{spec.checkpoint}: checkpoint of '{ck.get('name')}', expected '{spec.name}'")
         for key in state:
             if key not in ck.get("state", {}):
-                raise RuntimeError(f"{spec.checkpoint}: no state for '{key}' (has {sorted(ck.get('state', {}))})")
+                raise ResumeError(f"{spec.checkpoint}: no state for '{key}' (has {sorted(ck.get('state', {}))})")
         saved_world = int(ck.get("world_size", 1))
         lrs = {key: [[g["lr"] for g in o.param_groups] for o in _optimizers(obj)] for key, obj in state.items()}
         for key, obj in state.items():
             try:
                 obj.load_state_dict(ck["state"][key])
             except KeyError as exc:
-                raise RuntimeError(f"{spec.checkpoint}: cannot resume '{key}': {exc.args[0] if exc.args else exc}; "
+                raise ResumeError(f"{spec.checkpoint}: cannot resume '{key}': {exc.args[0] if exc.args else exc}; "
                                    f"delete the checkpoint to restart this step") from exc
         epoch, global_step = int(ck["epoch"]), int(ck["global_step"])
         if "offset" in ck:
@@ -173,6 +182,10 @@ def run_loop(
     def save(ep: int, off: int) -> None:
         rngs = dict(enumerate(all_gather_object(_rng_state()))) if ctx.enabled else {ctx.rank: _rng_state()}
         if ctx.is_main:
+            if spec.fingerprint is not None:
+                from .provenance import write_sidecar
+
+                write_sidecar(spec.checkpoint, spec.fingerprint)
             atomic_torch_save(
                 {
                     "name": spec.name,
@@ -220,6 +233,10 @@ def run_loop(
         epoch += 1
         offset = 0
         save(epoch, 0)
+        if ctx.is_main and losses:
+            elapsed = time.perf_counter() - t0
+            log.info("%s: epoch %d/%d: mean loss %.5f over %d steps; %.1f s so far (%.1f img/s)", spec.name, epoch,
+                     spec.epochs, sum(losses) / len(losses), len(losses), elapsed, images / max(elapsed, 1e-9))
     bar.close()
     elapsed = time.perf_counter() - t0
     last_loss = sum(losses) / len(losses) if losses else None

@@ -62,7 +62,7 @@ def confusion_matrix(
         pred: predicted cluster ids, any shape (e.g. (B, H, W)), integer.
         gt: ground-truth class ids, same shape as ``pred``; ``-1`` (or anything outside ``[0, num_classes)``)
             is ignored.
-        num_clusters: K, number of rows; predictions outside ``[0, K)`` are ignored.
+        num_clusters: K, number of rows; a prediction outside ``[0, K)`` is an error (never silently dropped).
         num_classes: C, number of columns.
         source: optional name (file, image) used in error messages.
 
@@ -81,7 +81,10 @@ def confusion_matrix(
     gt_t = gt_t.to(pred_t.device)
     pred_f = pred_t.reshape(-1)
     gt_f = gt_t.reshape(-1)
-    valid = (gt_f >= 0) & (gt_f < num_classes) & (pred_f >= 0) & (pred_f < num_clusters)
+    if pred_f.numel() and (int(pred_f.min()) < 0 or int(pred_f.max()) >= num_clusters):
+        raise ValueError(f"predicted cluster ids span [{int(pred_f.min())}, {int(pred_f.max())}] but the confusion has "
+                         f"{num_clusters} clusters: predictions outside [0, {num_clusters}) cannot be scored{where}")
+    valid = (gt_f >= 0) & (gt_f < num_classes)
     idx = pred_f[valid] * num_classes + gt_f[valid]
     counts = torch.bincount(idx, minlength=num_clusters * num_classes)
     return counts.reshape(num_clusters, num_classes).to(torch.int64)

@@ -99,14 +99,7 @@ class CauseModel(nn.Module):
         from .backbones import build_backbone
 
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"model file not found: {path}")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:  # truncated, not a torch file, ...
-            raise ValueError(f"{path}: cannot read the model file ({type(exc).__name__}: {exc})") from exc
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a causeseg model file (expected format '{FORMAT}')")
+        obj = read_model_file(path)
         meta = obj["meta"]
         if backbone is None:
             bb = meta["backbone"]
@@ -120,6 +113,62 @@ class CauseModel(nn.Module):
         from .backbones.checkpoint import load_state_dict_strict
 
         load_state_dict_strict(head, obj["head"], str(path))
+        _check_fits_backbone(path, backbone, h["in_dim"], obj["codebook"])
         model = cls(backbone, head, obj["codebook"], obj["centroids"], meta)
         model.config = obj.get("config")
         return model.to(device).eval()
+
+
+_REQUIRED = ("meta", "head", "codebook", "centroids")
+
+
+def read_model_file(path: str | Path) -> dict:
+    """Read a ``model.pt`` as tensors and plain data only (``torch.load(weights_only=True)``).
+
+    A file that needs more (arbitrary Python objects, which unpickling would execute) is refused,
+    as are files that are not causeseg models or lack entries; every error names the file.
+    """
+    import pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        from .backbones.checkpoint import holds_python_objects
+
+        if not holds_python_objects(exc):
+            raise ValueError(f"{path}: cannot read the model file: not a torch file (corrupt, truncated or another "
+                             f"format)") from exc
+        raise ValueError(f"{path}: refused: the file holds Python objects beyond tensors and plain data, which "
+                         f"causeseg never unpickles (loading them could run code). It is not a model written by "
+                         f"causeseg.") from exc
+    except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, ...
+        raise ValueError(f"{path}: cannot read the model file ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a causeseg model file (expected format '{FORMAT}')")
+    missing = [k for k in _REQUIRED if k not in obj]
+    meta = obj.get("meta") if isinstance(obj.get("meta"), dict) else {}
+    missing += [f"meta.{k}" for k in ("backbone", "head") if "meta" in obj and k not in meta]
+    missing += [f"meta.head.{k}" for k in ("kind", "in_dim", "out_dim")
+                if isinstance(meta.get("head"), dict) and k not in meta["head"]]
+    if missing:
+        raise ValueError(f"{path}: the model file lacks {', '.join(missing)} (damaged, or written by another tool)")
+    return obj
+
+
+def _check_fits_backbone(path: Path, backbone: nn.Module, in_dim: int, codebook: torch.Tensor) -> None:
+    """The head and clusterbook were trained on ``in_dim``-d features: the backbone must give those."""
+    dim = getattr(backbone, "embed_dim", None) or getattr(backbone, "out_dim", None) or getattr(backbone, "dim", None)
+    if dim is None:
+        try:
+            p = next(backbone.parameters())
+            with torch.no_grad():
+                dim = backbone(torch.zeros(1, 3, 64, 64, device=p.device, dtype=p.dtype)).shape[1]
+        except Exception:  # noqa: BLE001 - cannot tell: the forward pass will say
+            return
+    if int(dim) != int(in_dim) or int(codebook.shape[1]) != int(in_dim):
+        raise ValueError(f"{path}: the head was trained on {in_dim}-d features but the backbone gives {dim}-d "
+                         f"(wrong --backbone-weights or backbone options?)")

@@ -90,6 +90,13 @@ def _fmt_keys(keys: Iterable[str], limit: int = 40) -> str:
     return shown
 
 
+def holds_python_objects(exc: BaseException) -> bool:
+    """Whether a ``weights_only`` load failed on a real Python object (a pickled class or function), as opposed
+    to bytes that are no pickle at all."""
+    text = str(exc)
+    return "Unsupported global" in text or "GLOBAL" in text or "Unsupported class" in text
+
+
 def load_checkpoint_file(path: str | os.PathLike, trust_pickle: bool = False) -> Any:
     """Read a checkpoint file on the CPU with ``torch.load(weights_only=True)``.
 
@@ -112,6 +119,9 @@ def load_checkpoint_file(path: str | os.PathLike, trust_pickle: bool = False) ->
     except pickle.UnpicklingError as exc:
         if trust_pickle:
             raise CheckpointError(f"cannot unpickle checkpoint file {p}: {exc}") from exc
+        if not holds_python_objects(exc):  # garbage, not a file that needs more than weights_only
+            raise CheckpointError(f"cannot read checkpoint file {p}: not a torch checkpoint (corrupt, truncated or "
+                                  f"another format)") from exc
         raise CheckpointError(
             f"checkpoint file {p} holds Python objects that torch.load(weights_only=True) refuses to unpickle "
             f"(e.g. the argparse.Namespace stored in DINO full training checkpoints). If, and only if, you trust this "
