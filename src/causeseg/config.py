@@ -263,10 +263,16 @@ def list_presets() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
-def load_config(preset: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Load a preset (name or YAML path) and apply ``section.key=value`` overrides."""
-    data: dict = {}
-    source = "<defaults>"
+def load_config(preset: str | Path | None = None, overrides: list[str] | None = None, *,
+                base: dict | None = None, base_source: str = "<stored config>") -> Config:
+    """Load a preset (name or YAML path), or start from ``base`` (a stored config dict, e.g. the one in a
+    ``model.pt``), and apply ``section.key=value`` overrides."""
+    import copy
+
+    data: dict = copy.deepcopy(base) if base is not None else {}
+    source = base_source if base is not None else "<defaults>"
+    if preset is not None and base is not None:
+        raise ConfigError("pass either a preset or a stored config, not both")
     if preset is not None:
         path = resolve_preset(preset)
         data = _read_yaml(path)
@@ -296,9 +302,14 @@ def config_from_dict(data: dict) -> Config:
 
 
 def validate(cfg: Config) -> None:
+    """Every setting's choice and range, checked before anything runs (one error naming the key)."""
+
     def choice(name: str, value: Any, allowed: tuple) -> None:
         if value not in allowed:
             raise ConfigError(f"{name}={value!r} is not one of {allowed}")
+
+    _validate_ranges(cfg)
+    _validate_data_and_device(cfg)
 
     choice("step1.method", cfg.step1.method, ("modularity", "kmeans++", "spectral", "agglomerative", "ward"))
     choice("step1.variant", cfg.step1.variant, ("code", "paper"))
@@ -334,3 +345,102 @@ def save_config(cfg: Config, path: str | Path) -> None:
     from .utils import atomic_write_bytes
 
     atomic_write_bytes(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode())
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Numeric ranges: ``(section.key, value, test, requirement)``; the first failure is the error."""
+    def at_least(lo):
+        return (lambda v: v is not None and v >= lo), f">= {lo}"
+
+    def positive():
+        return (lambda v: v is not None and v > 0), "> 0"
+
+    def unit_open():
+        return (lambda v: v is not None and 0 <= v < 1), "in [0, 1)"
+
+    s1, s2, s3, e, r, d = cfg.step1, cfg.step2, cfg.step3, cfg.eval, cfg.run, cfg.data
+    checks = [
+        ("step1.epochs", s1.epochs, *at_least(1)), ("step1.batch_size", s1.batch_size, *at_least(1)),
+        ("step1.resolution", s1.resolution, *at_least(16)), ("step1.tau", s1.tau, *positive()),
+        ("step1.lr", s1.lr, *positive()), ("step1.grid", s1.grid, *at_least(1)),
+        ("step1.max_samples", s1.max_samples, *at_least(1)),
+        ("step2.epochs", s2.epochs, *at_least(1)), ("step2.batch_size", s2.batch_size, *at_least(1)),
+        ("step2.resolution", s2.resolution, *at_least(16)), ("step2.tau", s2.tau, *positive()),
+        ("step2.lr", s2.lr, *positive()), ("step2.weight_decay", s2.weight_decay, *at_least(0)),
+        ("step2.grad_clip", s2.grad_clip, *at_least(0)), ("step2.dropout", s2.dropout, *unit_open()),
+        ("step2.reduced_dim", s2.reduced_dim, *at_least(1)), ("step2.projection_dim", s2.projection_dim, *at_least(1)),
+        ("step2.ffn_dim", s2.ffn_dim, *at_least(1)), ("step2.bank_size", s2.bank_size, *at_least(1)),
+        ("step2.grid", s2.grid, *at_least(1)),
+        ("step3.epochs", s3.epochs, *at_least(1)), ("step3.batch_size", s3.batch_size, *at_least(1)),
+        ("step3.resolution", s3.resolution, *at_least(16)), ("step3.tau", s3.tau, *positive()),
+        ("step3.lr", s3.lr, *positive()), ("step3.grid", s3.grid, *at_least(1)),
+        ("eval.resolution", e.resolution, *at_least(16)), ("eval.batch_size", e.batch_size, *at_least(1)),
+        ("eval.alpha", e.alpha, *positive()), ("eval.crf_workers", e.crf_workers, *at_least(0)),
+        ("eval.probe_epochs", e.probe_epochs, *at_least(1)), ("eval.figures", e.figures, *at_least(0)),
+        ("run.checkpoint_every", r.checkpoint_every, *at_least(0)), ("run.cache_limit_gb", r.cache_limit_gb, *at_least(0)),
+    ]
+    if s2.loss_chunk is not None:
+        checks.append(("step2.loss_chunk", s2.loss_chunk, *at_least(1)))
+    if e.crf_timeout is not None:
+        checks.append(("eval.crf_timeout", e.crf_timeout, *positive()))
+    if isinstance(d.num_workers, int):
+        checks.append(("data.num_workers", d.num_workers, *at_least(0)))
+    for name, value, ok, want in checks:
+        if not ok(value):
+            raise ConfigError(f"{name}={value!r} must be {want}")
+
+
+def _validate_data_and_device(cfg: Config) -> None:
+    """Dataset kind, crop, geometry, error policy, label map, backbone name and device."""
+    from .data.crops import num_crops
+    from .data.datasets import _ALIASES, DATASET_NAMES
+    from .data.transforms import MODES
+
+    d = cfg.data
+    if d.dataset not in DATASET_NAMES and d.dataset not in _ALIASES:
+        raise ConfigError(f"data.dataset={d.dataset!r} is not one of {DATASET_NAMES}")
+    try:
+        num_crops(d.crop)
+    except (ValueError, KeyError) as exc:
+        raise ConfigError(f"data.crop={d.crop!r}: {exc}") from None
+    if d.mode is not None and d.mode not in MODES:
+        raise ConfigError(f"data.mode={d.mode!r} is not one of {tuple(MODES)} (or null for the dataset's default)")
+    if d.on_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error={d.on_error!r} is not one of ('raise', 'skip')")
+    if d.label_spec is not None:
+        from .data.io import DataError
+        from .data.labelmaps import get_label_map
+
+        try:
+            lm = get_label_map(d.label_spec)
+        except (KeyError, ValueError, TypeError, DataError) as exc:
+            raise ConfigError(f"data.label_spec={d.label_spec!r}: {exc}") from None
+        if lm.num_classes != d.num_classes:
+            raise ConfigError(f"data.label_spec={d.label_spec!r} has {lm.num_classes} classes but "
+                              f"data.num_classes={d.num_classes}; set data.num_classes={lm.num_classes}")
+    from .backbones import list_backbones
+
+    if cfg.backbone.name not in list_backbones():
+        raise ConfigError(f"backbone.name={cfg.backbone.name!r} is not a known backbone "
+                          f"(see `causeseg backbones`: {', '.join(list_backbones())})")
+    check_device(cfg.run.device, "run.device")
+
+
+def check_device(name: str, key: str = "--device") -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` that this torch can use; else a ConfigError."""
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{key}={name!r} is not a device (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no usable GPU"
+            raise ConfigError(f"{key}={name!r} but this torch ({torch.__version__}) has {build}; use cpu or auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"{key}={name!r} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+    elif dev.type not in ("cpu", "mps"):
+        raise ConfigError(f"{key}={name!r}: unsupported device type {dev.type!r} (auto, cpu, cuda, cuda:N)")
