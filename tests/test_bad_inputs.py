@@ -383,3 +383,26 @@ def test_every_subcommand_and_flag_has_help_and_o_v_work_everywhere():
         assert "-v" in opts, name
         if name not in ("presets", "backbones"):
             assert {"-o", "--out"} <= opts, name
+
+
+def test_tiny_image_in_training_names_the_file_and_skip_honours_it(data, tmp_path, capsys):
+    import shutil
+
+    root = tmp_path / "d"
+    shutil.copytree(data, root)
+    Image.new("RGB", (1, 1)).save(root / "train" / "images" / "zz_dot.png")
+    assert main(["train", *TINY, "--data-root", str(root), "-o", str(tmp_path / "r")]) == 2
+    assert "zz_dot.png" in _err(capsys)
+    assert main(["train", *TINY, "--data-root", str(root), "-s", "data.on_error=skip", "-o", str(tmp_path / "r")]) == 0
+
+
+def test_large_image_is_called_large_not_corrupt(finished, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("CAUSESEG_MAX_PIXELS", "")  # restored after the test: --max-pixels sets it
+    img = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(img)
+    assert main(["predict", str(img), "-m", str(finished / "model.pt"), "-o", str(tmp_path / "p"),
+                 "--max-pixels", "1000", "--no-progress"]) == 2
+    err = _err(capsys)
+    assert "big.png" in err and "large" in err and "corrupt or truncated" not in err
+    assert main(["predict", str(img), "-m", str(finished / "model.pt"), "-o", str(tmp_path / "p"),
+                 "--max-pixels", "0", "--no-progress", "--no-crf"]) == 0
