@@ -406,3 +406,13 @@ def test_large_image_is_called_large_not_corrupt(finished, data, tmp_path, capsy
     assert "big.png" in err and "large" in err and "corrupt or truncated" not in err
     assert main(["predict", str(img), "-m", str(finished / "model.pt"), "-o", str(tmp_path / "p"),
                  "--max-pixels", "0", "--no-progress", "--no-crf"]) == 0
+
+
+def test_model_refuses_other_backbone_weights(finished, tmp_path, capsys):
+    obj = torch.load(finished / "model.pt", weights_only=True)
+    obj["meta"]["backbone"]["digest"] = "0123456789abcdef"  # as if trained on other weights
+    torch.save(obj, tmp_path / "other.pt")
+    img = tmp_path / "x.png"
+    Image.new("RGB", (64, 64)).save(img)
+    assert main(["predict", str(img), "-m", str(tmp_path / "other.pt"), "-o", str(tmp_path / "o")]) == 2
+    assert "other.pt" in (e := _err(capsys)) and "0123456789abcdef" in e

@@ -114,6 +114,7 @@ class CauseModel(nn.Module):
 
         load_state_dict_strict(head, obj["head"], str(path))
         _check_fits_backbone(path, backbone, h["in_dim"], obj["codebook"])
+        _check_backbone_digest(path, backbone, meta["backbone"].get("digest"))
         model = cls(backbone, head, obj["codebook"], obj["centroids"], meta)
         model.config = obj.get("config")
         return model.to(device).eval()
@@ -172,3 +173,15 @@ def _check_fits_backbone(path: Path, backbone: nn.Module, in_dim: int, codebook:
     if int(dim) != int(in_dim) or int(codebook.shape[1]) != int(in_dim):
         raise ValueError(f"{path}: the head was trained on {in_dim}-d features but the backbone gives {dim}-d "
                          f"(wrong --backbone-weights or backbone options?)")
+
+
+def _check_backbone_digest(path: Path, backbone: nn.Module, trained: str | None) -> None:
+    """The backbone must carry the weights the model was trained on (recorded as a digest since v0.1)."""
+    if not trained:
+        return  # imported official models and older files record none
+    from .provenance import state_digest
+
+    now = state_digest(backbone)
+    if now != trained:
+        raise ValueError(f"{path}: the backbone's weights (digest {now}) are not the ones this model was trained on "
+                         f"(digest {trained}); pass the original --backbone-weights")
