@@ -124,3 +124,49 @@ def test_config_accepts_sinkhorn_learner_and_rejects_bad_eps():
     assert load_config("camvid_effnet_tr", []).step3.learner == "modularity"  # off in the paper presets
     with pytest.raises(ConfigError, match="sinkhorn_eps"):
         load_config("camvid_effnet_tr", ["step3.learner=sinkhorn", "step3.sinkhorn_eps=0"])
+
+
+@pytest.fixture(scope="module")
+def four_images(tmp_path_factory):
+    """Four CamVid training images as a plain image folder (no masks)."""
+    import shutil
+
+    from causeseg.data.root import data_root
+
+    root = data_root()
+    if root is None or not (root / "camvid" / "train" / "images").is_dir():
+        pytest.skip("shared data not found (../shared/data or CAUSESEG_DATA_ROOT): camvid/train needed")
+    out = tmp_path_factory.mktemp("four")
+    for p in sorted((root / "camvid" / "train" / "images").glob("*.png"))[:4]:
+        shutil.copy(p, out / p.name)
+    return out
+
+
+@pytest.mark.parametrize("schedule", ["official", "constant"])
+def test_lr_schedule_official_steps_per_epoch_in_steps_1_and_3(four_images, tmp_path, monkeypatch, schedule):
+    """step{1,3}.lr_schedule=official: Step 1 StepLR(1, 0.2), Step 3 StepLR(2, 0.5) per epoch; constant keeps lr."""
+    import causeseg.train as train
+
+    seen: list[tuple[int, float]] = []
+    real = train._optimise
+
+    def recording(loss, opt, params):
+        seen.append((len(opt.param_groups[0]["params"][0]), opt.param_groups[0]["lr"]))
+        return real(loss, opt, params)
+
+    monkeypatch.setattr(train, "_optimise", recording)
+    ov = ["backbone.options={feature_stride: 16}", "data.dataset=images", f"data.root={four_images}",
+          "step1.k=16", "step1.resolution=64", "step1.batch_size=4", "step1.epochs=2", "step1.lr=0.01",
+          "step2.resolution=64", "step2.batch_size=4", "step2.epochs=1", "step2.projection_dim=16",
+          "step2.ffn_dim=16", "step2.reduced_dim=8", "step2.bank_size=4", "step3.resolution=64",
+          "step3.batch_size=4", "step3.epochs=5", "step3.lr=0.001", "step3.learner=sinkhorn",
+          f"step1.lr_schedule={schedule}", f"step3.lr_schedule={schedule}", "run.progress=false",
+          "run.device=cpu", "run.feature_cache=off"]
+    train.train_all(load_config("camvid_effnet_tr", ov), tmp_path / "run")
+    step1 = [lr for rows, lr in seen if rows == 16]  # codebook (k=16, c) vs centroids (C=11, r)
+    step3 = [lr for rows, lr in seen if rows == 11]
+    if schedule == "official":
+        assert step1 == pytest.approx([0.01, 0.002])
+        assert step3 == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4])
+    else:
+        assert step1 == pytest.approx([0.01, 0.01]) and step3 == pytest.approx([1e-3] * 5)

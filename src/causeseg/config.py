@@ -55,6 +55,7 @@ class Step1Config:
     epochs: int = 1
     lr: float = 1e-3
     max_samples: int = 20000  # tokens sampled for the alternative discretisers
+    lr_schedule: str = "constant"  # constant | official: StepLR(step 1 epoch, gamma 0.2), as the official code
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Step3Config:
     dropout_active: bool = True  # official: the teacher head runs with dropout during Step 3
     sinkhorn_eps: float = 0.05  # learner=sinkhorn: entropic temperature of the balanced codes (SwAV 0.05)
     sinkhorn_iters: int = 3  # learner=sinkhorn: Sinkhorn-Knopp iterations (SwAV 3)
+    lr_schedule: str = "constant"  # constant | official: StepLR(step 2 epochs, gamma 0.5), as the official code
 
 
 @dataclass
@@ -319,6 +321,8 @@ def validate(cfg: Config) -> None:
     choice("step2.bank_policy", cfg.step2.bank_policy, ("official", "paper"))
     choice("step2.bank_impl", cfg.step2.bank_impl, ("auto", "torch", "triton", "reference"))
     choice("step3.learner", cfg.step3.learner, ("modularity", "kmeans", "sinkhorn"))
+    choice("step1.lr_schedule", cfg.step1.lr_schedule, ("constant", "official"))
+    choice("step3.lr_schedule", cfg.step3.lr_schedule, ("constant", "official"))
     if cfg.step3.sinkhorn_eps <= 0 or cfg.step3.sinkhorn_iters < 1:
         raise ConfigError(f"step3.sinkhorn_eps must be > 0 and step3.sinkhorn_iters >= 1, got "
                           f"{cfg.step3.sinkhorn_eps}, {cfg.step3.sinkhorn_iters}")

@@ -141,6 +141,8 @@ def train_step1(cfg: Config, backbone, run_dir: Path, device, ctx: D.DistContext
         h, w = source.feature_shape[1:]
 
         def step(feats, idx, epoch, _global_step):
+            if s.lr_schedule == "official":  # StepLR(step_size=1 epoch, gamma=0.2), stateless: resume-safe
+                opt.param_groups[0]["lr"] = _lr(s.lr, cfg, ctx) * 0.2 ** epoch
             x = gather_tokens(tokens(feats), per_sample_grid(idx, h, w, s.grid, seed=cfg.run.seed, stage="step1",
                                                              epoch=epoch, device=device))
             loss = -modularity_objective(x.float(), codebook.weight, tau=s.tau, variant=s.variant).mean()
@@ -341,6 +343,8 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
     torch.manual_seed(cfg.run.seed + 31 + 7919 * ctx.rank)
 
     def step(feats, idx, epoch, _global_step):
+        if s.lr_schedule == "official":  # StepLR(step_size=2 epochs, gamma=0.5), stateless: resume-safe
+            opt.param_groups[0]["lr"] = _lr(lr, cfg, ctx) * 0.5 ** (epoch // 2)
         teacher.train(s.dropout_active)
         with torch.no_grad(), autocast_context(device, cfg.run.amp):
             y = run_head(teacher.head, tokens(feats), codebook, (h, w))
