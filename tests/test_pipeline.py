@@ -152,7 +152,7 @@ def test_model_roundtrip_and_predict_original_size(reference_run, camvid_subset,
     assert len(report["written"]) == 4
     for item in report["written"]:
         w, h = Image.open(item["file"]).size
-        lab = Image.open(item["labels"])
+        lab = Image.open(tmp_path / "out" / item["labels"])
         assert lab.size == (w, h)
         assert np.array(lab).max() < 11
 

@@ -59,7 +59,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto (overrides run.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                   help="largest image (pixels) to decode; default PIL's limit (about 179 Mpx), 0 = no limit")
+                   help="largest image (pixels) to decode; default 89,478,485 (PIL's guard) or CAUSESEG_MAX_PIXELS; 0 = no limit")
 
 
 def _overrides_from_args(args) -> list[str]:
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--no-flip", action="store_true", help="no horizontal-flip TTA")
     pr.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")
     pr.add_argument("--max-pixels", type=int, default=None, metavar="N",
-                    help="largest image (pixels) to decode; default PIL's limit (about 179 Mpx), 0 = no limit")
+                    help="largest image (pixels) to decode; default 89,478,485 (PIL's guard) or CAUSESEG_MAX_PIXELS; 0 = no limit")
     pr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 or auto")
     pr.add_argument("--no-progress", action="store_true", help="no progress bars")
     pr.set_defaults(func=cmd_predict)

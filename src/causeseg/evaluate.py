@@ -64,7 +64,8 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
             crf_pred = None
             if runner is not None:
                 t = time.perf_counter()
-                out = runner.run(list(to_uint8(images)), list(scores.float().softmax(1).cpu().numpy()))
+                # the official CRF input: BGR after the normalise / un-normalise round trip (crf.protocol_image)
+                out = runner.refine(images.float().cpu(), list(scores.float().softmax(1).cpu().numpy()))
                 crf_seconds += time.perf_counter() - t
                 crf_pred = torch.from_numpy(np.stack([o.argmax(0) for o in out])).long()
                 refined.update(crf_pred, labels)

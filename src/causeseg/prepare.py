@@ -123,11 +123,11 @@ def prepare_split(dataset: str, root: str | os.PathLike, split: str, crop: str, 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """The ``prepare`` subcommand (config options as for ``train``)."""
-    from .cli import _add_config_args
+    from .cli import _add_common_args, _add_config_args
 
     p = subparsers.add_parser("prepare", help="write a split's protocol crops once (paired folder) for fast training")
     _add_config_args(p)
-    p.add_argument("--out", "-o", required=True, help="output root: crops go to OUT/<split>/images")
+    _add_common_args(p, "output root: crops go to OUT/<split>/images")
     p.add_argument("--split", default=None, help="split to crop (default data.train_split)")
     p.add_argument("--crop", default=None, help="crop kind: none, five, ten, double, super (default data.crop)")
     p.add_argument("--format", dest="fmt", choices=FORMATS, default="png",
