@@ -24,6 +24,40 @@ def numpy_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:
     return (q * b).T
 
 
+def numpy_unbalanced_sinkhorn(scores: np.ndarray, eps: float, iters: int, fi: float) -> np.ndarray:
+    """Independent reference: scaling algorithm with a KL-relaxed column marginal (Chizat et al. 2018)."""
+    k = np.exp(scores / eps)
+    n, c = k.shape
+    a, b = np.full(n, 1.0 / n), np.full(c, 1.0 / c)
+    u = np.full(n, 1.0 / k.sum())
+    v = np.ones(c)
+    for _ in range(iters):
+        v = (b / (k.T @ u)) ** fi
+        u = a / (k @ v)
+    return n * u[:, None] * k * v[None, :]
+
+
+@pytest.mark.parametrize("balance", [0.0, 0.3, 0.7, 1.0])
+def test_unbalanced_sinkhorn_codes_match_scaling_reference(balance):
+    g = torch.Generator().manual_seed(6)
+    scores = torch.rand(41, 6, generator=g, dtype=torch.float64) * 2 - 1
+    scores[:, 2] += 0.4
+    for iters in (1, 3, 50):
+        ours = sinkhorn_codes(scores, eps=0.1, iters=iters, balance=balance)
+        ref = numpy_unbalanced_sinkhorn(scores.numpy(), 0.1, iters, balance)
+        np.testing.assert_allclose(ours.numpy(), ref, rtol=1e-9, atol=1e-12)
+    if balance == 0.0:  # no cluster constraint: the plain softmax of the scores
+        torch.testing.assert_close(ours, torch.softmax(scores / 0.1, dim=1))
+
+
+def test_unbalanced_sinkhorn_imbalance_decreases_with_balance():
+    g = torch.Generator().manual_seed(7)
+    scores = torch.rand(80, 5, generator=g, dtype=torch.float64) * 0.2
+    scores[:, 0] += 0.3
+    spread = [float((sinkhorn_codes(scores, 0.05, 100, b).sum(0) - 16).abs().max()) for b in (0.0, 0.5, 0.9, 1.0)]
+    assert spread[0] > spread[1] > spread[2] > spread[3] and spread[3] < 1e-6
+
+
 @pytest.mark.parametrize("iters", [1, 3, 7])
 def test_sinkhorn_codes_match_numpy_reference(iters):
     g = torch.Generator().manual_seed(0)
@@ -121,6 +155,9 @@ def test_centroid_learner_sinkhorn_is_deterministic_and_unknown_learner_rejected
 def test_config_accepts_sinkhorn_learner_and_rejects_bad_eps():
     cfg = load_config("camvid_effnet_tr", ["step3.learner=sinkhorn", "step3.sinkhorn_eps=0.02"])
     assert cfg.step3.learner == "sinkhorn" and cfg.step3.sinkhorn_eps == 0.02 and cfg.step3.sinkhorn_iters == 3
+    assert cfg.step3.sinkhorn_balance == 1.0
+    with pytest.raises(ConfigError, match="sinkhorn_balance"):
+        load_config("camvid_effnet_tr", ["step3.sinkhorn_balance=1.5"])
     assert load_config("camvid_effnet_tr", []).step3.learner == "modularity"  # off in the paper presets
     with pytest.raises(ConfigError, match="sinkhorn_eps"):
         load_config("camvid_effnet_tr", ["step3.learner=sinkhorn", "step3.sinkhorn_eps=0"])

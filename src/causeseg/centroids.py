@@ -37,36 +37,40 @@ def spherical_kmeans_loss(x: torch.Tensor, centroids: torch.Tensor) -> torch.Ten
     return -(onehot * cos).sum(-1).mean()
 
 
-def sinkhorn_codes(scores: torch.Tensor, eps: float = 0.05, iters: int = 3) -> torch.Tensor:
+def sinkhorn_codes(scores: torch.Tensor, eps: float = 0.05, iters: int = 3, balance: float = 1.0) -> torch.Tensor:
     """Balanced soft assignments of n tokens to C clusters: Sinkhorn-Knopp as in SwAV (Caron et al. 2020).
 
-    ``scores`` (n, C) similarities (cosines). ``Q = exp(scores / eps)`` normalised to total mass 1, then
-    ``iters`` rounds of: every cluster's column rescaled to mass 1/C, every token's row to mass 1/n.
-    Returns ``n * Q`` (n, C), no gradient: each row sums to 1 (a token's code), and each column
-    sums to n/C once the iterations have converged (SwAV stops after 3). Computed in float64 log space
-    (the same numbers as the exp form, without underflow for a small ``eps``).
+    ``scores`` (n, C) similarities (cosines), kernel ``K = exp(scores / eps)``. Scaling form
+    ``Q = diag(u) K diag(v)``, started from ``K / sum(K)``, then ``iters`` rounds of
+    ``v = (b / K^T u) ** balance`` (clusters, target mass ``b = 1/C``) and ``u = a / K v`` (tokens, ``a = 1/n``).
+    ``balance = 1`` is SwAV's equipartition; ``balance < 1`` relaxes the cluster marginal with a KL penalty
+    (unbalanced optimal transport, Chizat et al. 2018: ``balance = rho / (rho + eps)``), so clusters may
+    stay unequal; ``balance = 0`` gives ``softmax(scores / eps)``. Returns ``n * Q`` (n, C), no gradient:
+    each row sums to 1 (a token's code); with ``balance = 1`` each column sums to n/C once converged
+    (SwAV stops after 3). Computed in float64 log space (no underflow for a small ``eps``).
     """
     if scores.ndim != 2:
         raise ValueError(f"sinkhorn_codes expects (n, C) scores, got shape {tuple(scores.shape)}")
     n, c = scores.shape
-    log_q = scores.detach().double() / eps
-    log_q = log_q - torch.logsumexp(log_q.reshape(-1), 0)
+    log_k = scores.detach().double() / eps
+    log_u = (-torch.logsumexp(log_k.reshape(-1), 0)).expand(n)  # Q = K / sum(K), as SwAV
+    log_v = log_k.new_zeros(c)
     for _ in range(iters):
-        log_q = log_q - torch.logsumexp(log_q, dim=0, keepdim=True) - math.log(c)  # each cluster: mass 1/C
-        log_q = log_q - torch.logsumexp(log_q, dim=1, keepdim=True) - math.log(n)  # each token: mass 1/n
-    return (log_q + math.log(n)).exp().to(scores.dtype)
+        log_v = balance * (-math.log(c) - torch.logsumexp(log_k + log_u[:, None], dim=0))  # clusters -> 1/C
+        log_u = -math.log(n) - torch.logsumexp(log_k + log_v[None, :], dim=1)  # tokens: mass 1/n each
+    return (log_k + log_u[:, None] + log_v[None, :] + math.log(n)).exp().to(scores.dtype)
 
 
 def sinkhorn_assignment_loss(x: torch.Tensor, centroids: torch.Tensor, tau: float = 0.1, eps: float = 0.05,
-                             iters: int = 3) -> torch.Tensor:
+                             iters: int = 3, balance: float = 1.0) -> torch.Tensor:
     """SwAV-style balanced clustering loss (Caron et al. 2020) of tokens ``x`` (..., r) to ``centroids`` (C, r).
 
-    ``-mean_i sum_c Q_ic log softmax_c(cos_ic / tau)`` with ``Q = sinkhorn_codes(cos, eps, iters)`` over all
-    the tokens passed (one batch); ``Q`` is a fixed target, the gradient reaches ``centroids`` (and ``x``
-    if it requires one) through the softmax only.
+    ``-mean_i sum_c Q_ic log softmax_c(cos_ic / tau)`` with ``Q = sinkhorn_codes(cos, eps, iters, balance)``
+    over all the tokens passed (one batch); ``Q`` is a fixed target, the gradient reaches ``centroids``
+    (and ``x`` if it requires one) through the softmax only.
     """
     cos = F.normalize(x.reshape(-1, x.shape[-1]), dim=-1) @ F.normalize(centroids, dim=-1).t()
-    q = sinkhorn_codes(cos, eps, iters)
+    q = sinkhorn_codes(cos, eps, iters, balance)
     return -(q * F.log_softmax(cos / tau, dim=-1)).sum(-1).mean()
 
 
@@ -93,7 +97,7 @@ class CentroidLearner(nn.Module):
 
     def __init__(self, num_classes: int, dim: int, learner: str = "modularity", tau: float = 0.1,
                  generator: torch.Generator | None = None, gamma: float = 1.0, eps: float = 0.05,
-                 iters: int = 3):
+                 iters: int = 3, balance: float = 1.0):
         super().__init__()
         if learner not in LEARNERS:
             raise ValueError(f"unknown centroid learner '{learner}' (expected one of {LEARNERS})")
@@ -102,6 +106,7 @@ class CentroidLearner(nn.Module):
         self.gamma = gamma
         self.eps = eps
         self.iters = iters
+        self.balance = balance
         w = torch.empty(num_classes, dim)
         if learner in ("modularity", "sinkhorn"):
             w.uniform_(-1.0 / num_classes, 1.0 / num_classes, generator=generator)  # official init (and its scale)
@@ -125,5 +130,5 @@ class CentroidLearner(nn.Module):
         if self.learner == "modularity":
             return -modularity_objective(sampled, self.weight, tau=self.tau, variant="code", gamma=self.gamma).mean()
         if self.learner == "sinkhorn":
-            return sinkhorn_assignment_loss(sampled, self.weight, self.tau, self.eps, self.iters)
+            return sinkhorn_assignment_loss(sampled, self.weight, self.tau, self.eps, self.iters, self.balance)
         return spherical_kmeans_loss(sampled, self.weight)

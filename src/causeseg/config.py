@@ -107,6 +107,7 @@ class Step3Config:
     dropout_active: bool = True  # official: the teacher head runs with dropout during Step 3
     sinkhorn_eps: float = 0.05  # learner=sinkhorn: entropic temperature of the balanced codes (SwAV 0.05)
     sinkhorn_iters: int = 3  # learner=sinkhorn: Sinkhorn-Knopp iterations (SwAV 3)
+    sinkhorn_balance: float = 1.0  # learner=sinkhorn: 1 = equipartition (SwAV); < 1 KL-relaxed cluster sizes
     lr_schedule: str = "constant"  # constant | official: StepLR(step 2 epochs, gamma 0.5), as the official code
 
 
@@ -326,6 +327,8 @@ def validate(cfg: Config) -> None:
     if cfg.step3.sinkhorn_eps <= 0 or cfg.step3.sinkhorn_iters < 1:
         raise ConfigError(f"step3.sinkhorn_eps must be > 0 and step3.sinkhorn_iters >= 1, got "
                           f"{cfg.step3.sinkhorn_eps}, {cfg.step3.sinkhorn_iters}")
+    if not 0 <= cfg.step3.sinkhorn_balance <= 1:
+        raise ConfigError(f"step3.sinkhorn_balance must be in [0, 1], got {cfg.step3.sinkhorn_balance}")
     choice("step3.init", cfg.step3.init, ("uniform", "kmeans++"))
     choice("run.amp", cfg.run.amp, ("auto", "bf16", "fp16", "off"))
     choice("run.feature_cache", cfg.run.feature_cache, ("auto", "on", "off"))

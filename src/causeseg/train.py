@@ -333,7 +333,8 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
     h, w = source.feature_shape[1:]
     gen = torch.Generator().manual_seed(cfg.run.seed + 3)
     learner = CentroidLearner(cfg.data.num_classes, cfg.step2.reduced_dim, s.learner, s.tau, generator=gen,
-                              gamma=s.gamma, eps=s.sinkhorn_eps, iters=s.sinkhorn_iters).to(device)
+                              gamma=s.gamma, eps=s.sinkhorn_eps, iters=s.sinkhorn_iters,
+                              balance=s.sinkhorn_balance).to(device)
     lr = s.lr if s.learner in ("modularity", "sinkhorn") else 5e-3
     opt = torch.optim.Adam(learner.parameters(), lr=_lr(lr, cfg, ctx))
     codebook = book.prototypes.to(device)
