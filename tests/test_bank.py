@@ -211,7 +211,54 @@ def test_bad_input_and_misc():
         ConceptBank(3, 4, 2, policy="fifo")
     with pytest.raises(IndexError):
         bank.ordered(3)
-    assert bank.nbytes == 3 * 4 * 2 * 4 + 2 * 3 * 8
+    assert bank.nbytes == 3 * 4 * 2 * 4 + 2 * 3 * 8 + 3 * 4 * 4 + 3 * 2 * 8  # feats, count/ptr, inv_norm, concept_sum
     half = ConceptBank(3, 4, 2, dtype=torch.float16)
     half.update(torch.tensor([1, 1]), torch.ones(2, 2), selection=torch.tensor([0]))
     assert half.feats.dtype == torch.float16 and half.feature_sum().tolist()[1] == [1.0, 1.0]
+
+
+def _brute_caches(bank: ConceptBank) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp64 inverse norms of every slot and per-concept sums of the normalised valid entries, by hand."""
+    feats = bank.feats.double()
+    inv = 1.0 / feats.norm(dim=-1).clamp_min(1e-12)
+    sums = torch.stack([(feats[m] * inv[m, :, None])[bank.valid_mask()[m]].sum(0) for m in range(bank.num_concepts)])
+    return inv, sums
+
+
+@pytest.mark.parametrize("policy", ["official", "paper"])
+@pytest.mark.parametrize("explicit", [False, True])
+def test_caches_follow_the_entries(policy, explicit):
+    """inv_norm and concept_sum, updated at insertion, equal a recomputation after every update (overwrites,
+    more than b at once, singletons, the paper policy's discards)."""
+    k, b, d = 5, 6, 3
+    bank = ConceptBank(k, b, d, policy=policy)
+    g, sel_g = torch.Generator().manual_seed(4), torch.Generator().manual_seed(5)
+    for _ in range(80):
+        concepts, feats = random_update(g, k, d)
+        feats = feats * torch.rand(len(feats), 1, generator=g) * 5  # entries of different norms
+        if explicit and concepts.numel():
+            disc = select_discard(bank.counts()[torch.unique(concepts)], b, sel_g) if policy == "paper" else None
+            bank.update(concepts, feats, selection=select_new(concepts, sel_g), discard=disc)
+        else:
+            bank.update(concepts, feats, generator=sel_g, validate=False)
+        inv, sums = _brute_caches(bank)
+        valid = bank.valid_mask()
+        assert torch.allclose(bank.inv_norm.double()[valid], inv[valid], rtol=1e-6)
+        assert torch.allclose(bank.concept_sum, sums, atol=1e-6)
+        t = bank.tensors()
+        assert torch.equal(t.counts, valid.sum(1)) and torch.equal(t.valid, valid) and t.sums is bank.concept_sum
+
+
+def test_state_dict_without_caches_loads_and_recomputes():
+    """A bank saved before the caches existed (feats, count, ptr only) loads; its caches are recomputed."""
+    bank = ConceptBank(4, 5, 3)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        bank.update(*random_update(g, 4, 3), generator=g)
+    old = {key: v for key, v in bank.state_dict().items() if key not in ("inv_norm", "concept_sum")}
+    other = ConceptBank(4, 5, 3)
+    other.load_state_dict(old)
+    assert torch.allclose(other.concept_sum, bank.concept_sum, atol=1e-6)
+    assert torch.equal(other.inv_norm, bank.inv_norm)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        ConceptBank(4, 5, 3).load_state_dict({key: v for key, v in old.items() if key != "ptr"})

@@ -159,6 +159,11 @@ def test_argument_checks():
         bank_logsumexp(a, bank, umask, valid, inv, 0.0)
     with pytest.raises(ValueError, match="block_rows"):
         bank_logsumexp(a, bank, umask, valid, inv, 0.07, block_rows=0)
+    with pytest.raises(ValueError, match="max_logit"):
+        bank_logsumexp(a, bank, umask, valid, inv, 0.07, max_logit=0.0)
+    # the torch implementation takes the exact row maximum: a host bound changes nothing
+    ref, _ = bank_logsumexp(a, bank, umask, valid, inv, 0.07, impl="torch")
+    assert torch.equal(bank_logsumexp(a, bank, umask, valid, inv, 0.07, impl="torch", max_logit=1 / 0.07)[0], ref)
     assert resolve_impl("auto", torch.device("cpu"), torch.float32) == "torch"
     assert resolve_impl("auto", torch.device("cpu"), torch.float64) == "torch"
 
@@ -234,16 +239,20 @@ def triton_env(monkeypatch):
     monkeypatch.setattr(bank_lse, "_KERNELS", None)
 
 
-@pytest.mark.parametrize("dtype,tau", [(torch.float32, 0.07), (torch.bfloat16, 0.07), (torch.float32, 0.004)])
-def test_triton_impl_matches_brute_force(triton_env, dtype, tau):
-    """tau 0.07: fixed shift, one weights pass gives lse and gradient; 0.004: streaming lse, then the weights."""
+@pytest.mark.parametrize("dtype,tau,host_bound", [(torch.float32, 0.07, False), (torch.bfloat16, 0.07, False),
+                                                  (torch.float32, 0.004, False), (torch.float32, 0.07, True),
+                                                  (torch.bfloat16, 0.07, True)])
+def test_triton_impl_matches_brute_force(triton_env, dtype, tau, host_bound):
+    """tau 0.07: fixed shift, one weights pass gives lse and gradient; 0.004: streaming lse, then the weights.
+    host_bound: the shift is the caller's max_logit = 1.01 / tau (unit anchors), not computed from the data."""
     # 78 entries = 5 tiles of 16: the interpreter's forward streams 3 tiles per program over 2 splits (the last
     # tile lies past the bank), the backward writes w for chunks of 8 rows
     a, bank, umask, valid, inv = make(6, n_rows=21, k=13, nb=6, d=20, dtype=torch.float32)
     a, bank, umask, valid, inv = (t.to(triton_env) for t in (a, bank, umask, valid, inv))
     a, bank = a.to(dtype), bank.to(dtype)
     tol = dict(rtol=1e-5, atol=2e-4, gtol=1e-4) if dtype == torch.float32 else dict(rtol=0, atol=0.02, gtol=0.02)
-    lse_t, _ = check_against_brute(a, bank, umask, valid, inv, tau, impl="triton", block_rows=8, **tol)
+    extra = dict(max_logit=1.01 / tau) if host_bound else {}
+    lse_t, _ = check_against_brute(a, bank, umask, valid, inv, tau, impl="triton", block_rows=8, **extra, **tol)
     assert lse_t.dtype == torch.float32
     assert os.environ.get("TRITON_INTERPRET") == "1" or triton_env.type == "cuda"
 

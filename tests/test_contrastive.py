@@ -296,3 +296,87 @@ def test_concept_masks_thresholds():
     with pytest.raises(ValueError):
         concept_masks(torch.tensor([0]), torch.tensor([0]), dm, 0.1, 0.3)
     assert math.isclose(float(dm[0, 1]), 0.35, rel_tol=1e-6)
+
+
+# ----------------------------------------------------------------------------- bank caches, budget, statistics
+
+
+@pytest.mark.parametrize("form", ["official", "paper"])
+def test_concept_bank_caches_give_the_reference_loss(form):
+    """The loss on ConceptBank.tensors() (inverse norms and per-concept sums kept at insertion) equals the
+    Python-loop reference on the same entries, value and gradient."""
+    from causeseg.bank import ConceptBank
+
+    anchors, cands, ac, cc, dm, _, _ = make_case(3, k=7, nb=3)
+    bank = ConceptBank(7, 3, anchors.shape[-1], dtype=DT)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        q = torch.randint(0, 7, (8,), generator=g)
+        bank.update(q, 3 * torch.randn(8, anchors.shape[-1], generator=g, dtype=DT), generator=g)
+    valid = bank.valid_mask()
+    assert valid.any() and not valid.all()
+    a_ref = anchors.clone().requires_grad_(True)
+    ref = ref_loss(a_ref, cands, ac, cc, dm, bank=bank.feats, valid=valid, form=form)
+    ref.backward()
+    a = anchors.clone().requires_grad_(True)
+    loss, _ = concept_contrastive_loss(a, cands, ac, cc, dm, bank=bank.tensors(), form=form)
+    loss.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-8)  # inv_norm cached in fp32
+    torch.testing.assert_close(a.grad, a_ref.grad, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="bank_valid goes with a plain bank"):
+        concept_contrastive_loss(a, cands, ac, cc, dm, bank=bank.tensors(), bank_valid=valid)
+
+
+@pytest.mark.parametrize("form", ["official", "paper"])
+def test_default_chunks_follow_the_memory_budget(form, monkeypatch):
+    """Without chunk_size, the materialised terms are chunked when their logits exceed the budget
+    (checked by counting the chunks' matmuls); the result is the unchunked one."""
+    import causeseg.contrastive as con
+
+    anchors, cands, ac, cc, dm, bank, valid = make_case(4, bsz=3, n=4, k=7, nb=3)
+    kw = dict(bank=bank, bank_valid=valid, form=form, bank_impl="reference")
+    a0 = anchors.clone().requires_grad_(True)
+    full, _ = concept_contrastive_loss(a0, cands, ac, cc, dm, **kw)
+    full.backward()
+    assert con.budget_rows(12, 21, torch.device("cpu")) is None  # 12 x 21 logits fit the real budget
+    monkeypatch.setitem(con._LOGIT_BUDGET, "cpu", 50)  # 50 logits: 2 rows of the 21 bank entries, 4 of 12
+    assert con.budget_rows(12, 21, torch.device("cpu")) == 2 and con.budget_rows(12, 12, torch.device("cpu")) == 4
+    rows_seen = []
+    real = con._rowwise
+
+    def spy(fn, a, extra, chunk_size):
+        rows_seen.append(chunk_size)
+        return real(fn, a, extra, chunk_size)
+
+    monkeypatch.setattr(con, "_rowwise", spy)
+    a1 = anchors.clone().requires_grad_(True)
+    chunked, _ = concept_contrastive_loss(a1, cands, ac, cc, dm, **kw)
+    chunked.backward()
+    assert rows_seen == [4, 2]  # in-batch term, bank term
+    torch.testing.assert_close(chunked, full)
+    torch.testing.assert_close(a1.grad, a0.grad)
+
+
+def test_statistics_are_tensors_and_convert_once():
+    from causeseg.contrastive import stats_as_numbers
+
+    anchors, cands, ac, cc, dm, bank, valid = make_case(0)
+    _, stats = concept_contrastive_loss(anchors, cands, ac, cc, dm, bank=bank, bank_valid=valid)
+    assert all(torch.is_tensor(v) and v.dim() == 0 and not v.requires_grad for v in stats.values())
+    nums = stats_as_numbers(stats)
+    assert set(nums) == set(stats) and all(isinstance(v, float) for v in nums.values())
+    assert nums["terms_used"] + nums["terms_dropped"] == 6
+    empty = torch.zeros_like(valid)  # an empty bank: its terms are not considered, so not dropped either
+    _, st2 = concept_contrastive_loss(anchors, cands, ac, cc, dm, bank=bank, bank_valid=empty)
+    assert int(st2["terms_used"]) + int(st2["terms_dropped"]) == 3
+    assert float(st2["mean_bank_positives_per_anchor"]) == 0.0
+
+
+def test_concept_range_is_checked_by_default():
+    anchors, cands, ac, cc, dm, _, _ = make_case(0)
+    bad = ac.clone()
+    bad[0, 0] = 7
+    with pytest.raises(ValueError, match="outside"):
+        concept_contrastive_loss(anchors, cands, bad, cc, dm)
+    with pytest.raises(ValueError, match="outside"):
+        concept_contrastive_loss(anchors, cands, ac, -cc - 1, dm)

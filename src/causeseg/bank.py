@@ -31,16 +31,24 @@ The random selections are pure functions (:func:`select_new`, :func:`select_disc
 can feed the same selection to a reference implementation; :meth:`ConceptBank.update` accepts
 pre-computed selections. All operations are vectorised (sorts, cumsums and scatters; no Python
 loop over concepts). With the same generator state the result is identical on every call.
+
+What the Step-2 bank term reads is kept up to date at insertion (:meth:`ConceptBank.tensors`): the inverse
+norm ``1 / ||z||`` of every slot and, per concept, the sum ``S_m = sum_slot valid z_{m,slot} / ||z_{m,slot}||``
+of its normalised entries (fp64, updated by the difference of the entries written and overwritten). The
+update of the default (official) policy draws its selection in a masked form of fixed shape (no host
+synchronisation, no data-dependent shapes), so a CUDA training step never waits for the bank.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-__all__ = ["POLICIES", "ConceptBank", "select_new", "select_discard", "group_ranks", "storage_dtype"]
+__all__ = ["POLICIES", "BankTensors", "ConceptBank", "select_new", "select_discard", "group_ranks", "storage_dtype",
+           "inverse_norms", "normalised_sums"]
 
 POLICIES = ("official", "paper")
 
@@ -53,6 +61,54 @@ def storage_dtype(compute_dtype: torch.dtype | None) -> torch.dtype:
     fp32 otherwise (fp16's range is not trusted for unnormalised features).
     """
     return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float32
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def inverse_norms(feats: torch.Tensor, acc: torch.dtype = torch.float32) -> torch.Tensor:
+    """``1 / max(||z||, 1e-12)`` over the last dimension, computed in ``acc`` (``F.normalize``'s clamp)."""
+    return 1.0 / torch.linalg.vector_norm(feats, dim=-1, dtype=acc).clamp_min(1e-12)
+
+
+def normalised_sums(feats: torch.Tensor, valid: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+    """``S_m = sum_slot valid[m, slot] z_{m,slot} inv_norm_{m,slot}`` for ``feats (k, b, d)`` -> ``(k, d)``.
+
+    One batched matmul in the storage dtype (fp32 accumulation inside ``bmm``; no fp32 copy of a
+    low-precision bank), the result in ``inv_norm``'s dtype.
+    """
+    acc = inv_norm.dtype
+    w = (valid.to(acc) * inv_norm.reshape(valid.shape)).unsqueeze(1)  # (k, 1, b)
+    return torch.bmm(w.to(feats.dtype), feats).squeeze(1).to(acc)
+
+
+@dataclass(frozen=True)
+class BankTensors:
+    """What the Step-2 bank term reads (paper Eq. 4 / official form; see :mod:`causeseg.contrastive`).
+
+    ``feats (k, b, d)`` entries in their storage dtype, ``valid (k, b)`` filled slots, ``inv_norm (k, b)``
+    ``1 / ||z||``, ``sums (k, d)`` per-concept sums of the normalised valid entries, ``counts (k,)`` valid
+    entries per concept. :meth:`ConceptBank.tensors` hands out its caches (no pass over the bank);
+    :meth:`from_tensors` computes them from a plain ``(k, b, d)`` tensor.
+    """
+
+    feats: torch.Tensor
+    valid: torch.Tensor
+    inv_norm: torch.Tensor
+    sums: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def from_tensors(cls, feats: torch.Tensor, valid: torch.Tensor | None = None,
+                     acc: torch.dtype = torch.float32) -> "BankTensors":
+        """From entries ``(k, b, d)`` and an optional ``valid (k, b)`` mask (default: all filled)."""
+        feats = feats.detach()
+        k, nb = feats.shape[:2]
+        valid = (torch.ones(k, nb, dtype=torch.bool, device=feats.device) if valid is None
+                 else valid.to(device=feats.device, dtype=torch.bool))
+        inv = inverse_norms(feats, acc)
+        return cls(feats, valid, inv, normalised_sums(feats, valid, inv), valid.sum(1))
 
 
 def group_ranks(groups: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,6 +198,10 @@ class ConceptBank(nn.Module):
         self.register_buffer("feats", torch.zeros(num_concepts, capacity, dim, dtype=dtype))
         self.register_buffer("count", torch.zeros(num_concepts, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros(num_concepts, dtype=torch.long))
+        # caches of the bank term, kept up to date at insertion (saved with the bank so a resume is exact;
+        # recomputed when a checkpoint written before they existed is loaded)
+        self.register_buffer("inv_norm", inverse_norms(self.feats, _acc_dtype(dtype)))
+        self.register_buffer("concept_sum", torch.zeros(num_concepts, dim, dtype=torch.float64))
 
     # ------------------------------------------------------------------ inspection
     def extra_repr(self) -> str:
@@ -154,7 +214,7 @@ class ConceptBank(nn.Module):
     @property
     def nbytes(self) -> int:
         """Memory held by the buffers in bytes."""
-        return sum(t.numel() * t.element_size() for t in (self.feats, self.count, self.ptr))
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
     def counts(self) -> torch.Tensor:
         """``(k,)`` number of valid entries per concept (a copy)."""
@@ -185,12 +245,38 @@ class ConceptBank(nn.Module):
         w = self.valid_mask().to(acc).unsqueeze(1)  # (k, 1, b)
         return torch.bmm(w, self.feats.to(acc)).squeeze(1)
 
+    def tensors(self) -> BankTensors:
+        """The bank term's inputs from the caches kept at insertion (no pass over the entries)."""
+        return BankTensors(self.feats, self.valid_mask(), self.inv_norm, self.concept_sum, self.count)
+
+    @torch.no_grad()
+    def _refresh(self, rows: torch.Tensor | None = None) -> None:
+        """Recompute the caches of concepts ``rows`` (all when None) from the stored entries."""
+        rows = torch.arange(self.num_concepts, device=self.feats.device) if rows is None else rows
+        feats = self.feats[rows]
+        inv = inverse_norms(feats, self.inv_norm.dtype)
+        valid = self.valid_mask()[rows]
+        self.inv_norm[rows] = inv
+        self.concept_sum[rows] = normalised_sums(feats, valid, inv).to(torch.float64)
+
     @torch.no_grad()
     def reset(self) -> None:
         """Empty the bank."""
         self.feats.zero_()
         self.count.zero_()
         self.ptr.zero_()
+        self._refresh()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        caches = [prefix + "inv_norm", prefix + "concept_sum"]
+        if any(key in missing_keys for key in caches):  # a bank saved before the caches existed
+            for key in caches:
+                if key in missing_keys:
+                    missing_keys.remove(key)
+            self._refresh()
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict[str, Any]:
@@ -202,19 +288,20 @@ class ConceptBank(nn.Module):
                              f"(policy={self.policy!r}, capacity={self.capacity})")
 
     # ------------------------------------------------------------------ update
-    def _check(self, concepts: torch.Tensor, feats: torch.Tensor) -> None:
+    def _check(self, concepts: torch.Tensor, feats: torch.Tensor, values: bool) -> None:
         if concepts.dim() != 1 or concepts.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"ConceptBank.update: concepts must be a 1-D integer tensor, got "
                              f"{concepts.dtype} {tuple(concepts.shape)}")
         if feats.dim() != 2 or feats.shape[0] != concepts.shape[0] or feats.shape[1] != self.dim:
             raise ValueError(f"ConceptBank.update: feats must be (n={concepts.shape[0]}, d={self.dim}), got "
                              f"{tuple(feats.shape)}")
-        if concepts.numel() and (int(concepts.min()) < 0 or int(concepts.max()) >= self.num_concepts):
+        if values and concepts.numel() and (int(concepts.min()) < 0 or int(concepts.max()) >= self.num_concepts):
             raise ValueError(f"ConceptBank.update: concepts outside [0, {self.num_concepts})")
 
     @torch.no_grad()
     def update(self, concepts: torch.Tensor, feats: torch.Tensor, generator: torch.Generator | None = None, *,
-               selection: torch.Tensor | None = None, discard: torch.Tensor | None = None) -> None:
+               selection: torch.Tensor | None = None, discard: torch.Tensor | None = None,
+               validate: bool = True) -> None:
         """Add the features of one iteration (see the module docstring for the two policies).
 
         Args:
@@ -225,10 +312,13 @@ class ConceptBank(nn.Module):
                 grouped by concept, each group in append order).
             discard: paper policy only: optional pre-computed :func:`select_discard` result for the
                 concepts present (``torch.unique(concepts)``, increasing), in age order.
+            validate: check that the concepts lie in ``[0, k)`` (a host synchronisation); the training
+                loop passes ``False`` for concepts that come from an arg-max over the clusterbook.
 
-        The paper policy draws ``discard`` before ``selection`` from the generator.
+        The paper policy draws ``discard`` before ``selection`` from the generator. Without ``selection``
+        the official policy runs without host synchronisation (fixed shapes, masked writes).
         """
-        self._check(concepts, feats)
+        self._check(concepts, feats, validate)
         dev = self.feats.device
         concepts = concepts.to(device=dev, dtype=torch.long)
         feats = feats.detach().to(device=dev, dtype=self.feats.dtype)
@@ -236,9 +326,28 @@ class ConceptBank(nn.Module):
             return
         if self.policy == "paper":
             self._discard(torch.unique(concepts), generator, discard)
-        if selection is None:
-            selection = select_new(concepts, generator)
-        self._append(concepts, feats, selection.to(device=dev, dtype=torch.long))
+        if selection is None:  # every feature in a random order per concept; the first floor(n_m / 2) are kept
+            order = torch.argsort(_rand((concepts.numel(),), dev, generator))
+            order = order[torch.argsort(concepts[order], stable=True)]
+            cs = concepts[order]
+            start, end = self._group_bounds(cs)
+            self._append(cs, feats, order, (end - start) // 2, start)
+        else:
+            sel = selection.to(device=dev, dtype=torch.long)
+            if sel.numel() == 0:
+                return
+            if sel.dim() != 1 or int(sel.min()) < 0 or int(sel.max()) >= concepts.numel():
+                raise ValueError("ConceptBank.update: selection must be 1-D positions into concepts")
+            cs = concepts[sel]
+            if bool((cs[1:] < cs[:-1]).any()):
+                raise ValueError("ConceptBank.update: selection must be grouped by concept in increasing order")
+            start, end = self._group_bounds(cs)
+            self._append(cs, feats, sel, end - start, start)
+
+    def _group_bounds(self, cs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(start, end)`` of every concept's group in the sorted ``cs`` (``(k,)`` each; empty groups too)."""
+        ar = torch.arange(self.num_concepts, device=cs.device)
+        return torch.searchsorted(cs, ar), torch.searchsorted(cs, ar, right=True)
 
     def _discard(self, present: torch.Tensor, generator: torch.Generator | None, discard: torch.Tensor | None) -> None:
         """Paper policy: drop ``discard`` (age order) of the ``present`` concepts and compact them."""
@@ -263,21 +372,42 @@ class ConceptBank(nn.Module):
         self.feats[present] = rows
         self.count[present] = new_cnt
         self.ptr[present] = new_cnt % b
+        self._refresh(present)
 
-    def _append(self, concepts: torch.Tensor, feats: torch.Tensor, sel: torch.Tensor) -> None:
-        """FIFO-append ``feats[sel]`` (grouped by concept, append order) to their concepts' rings."""
-        if sel.numel() == 0:
-            return
-        if sel.dim() != 1 or int(sel.min()) < 0 or int(sel.max()) >= concepts.numel():
-            raise ValueError("ConceptBank.update: selection must be 1-D positions into concepts")
-        cs = concepts[sel]
-        if bool((cs[1:] < cs[:-1]).any()):
-            raise ValueError("ConceptBank.update: selection must be grouped by concept in increasing order")
+    def _append(self, cs: torch.Tensor, feats: torch.Tensor, src: torch.Tensor, kept: torch.Tensor,
+                start: torch.Tensor) -> None:
+        """FIFO-append, per concept ``m``, the first ``kept[m]`` of its elements to its ring (fixed shapes).
+
+        ``cs (s,)`` concepts grouped in increasing order, ``src (s,)`` the rows of ``feats`` in append order,
+        ``kept (k,)``, ``start (k,)`` each group's first position in ``cs``. Every element writes one slot:
+        a kept element the slot it is appended to, with the value that survives there (only the last ``b``
+        kept survive when more are added at once); a dropped element rewrites the slot and value of its
+        group's last kept element, or, when its group keeps none, the newest slot with its current value.
+        So all writes to one slot carry the same value (the result does not depend on their order) and no
+        data-dependent shape is needed. The caches are updated by the difference of the written and the
+        overwritten entries, counted once per slot.
+        """
         b = self.capacity
-        rank, size = group_ranks(cs, self.num_concepts)
-        survive = rank >= size - b  # if more than b are added at once, only the last b survive
-        slot = (self.ptr[cs] + rank) % b
-        self.feats[cs[survive], slot[survive]] = feats[sel[survive]]
-        added = torch.bincount(cs, minlength=self.num_concepts)
-        self.count.copy_(torch.clamp(self.count + added, max=b))
-        self.ptr.copy_((self.ptr + added) % b)
+        n_keep = kept[cs]
+        first = start[cs]
+        rank = torch.arange(cs.numel(), device=cs.device) - first
+        target = torch.minimum(rank, n_keep - 1)  # -1 when the group keeps nothing
+        behind = (n_keep - b - target).clamp_min(0)  # a kept element overwritten in the same update...
+        source = target + b * ((behind + b - 1) // b)  # ...writes the value of the one that survives
+        has = n_keep > 0
+        slot = (self.ptr[cs] + target) % b
+        old = self.feats[cs, slot]
+        picked = feats[src[(first + source).clamp(0, cs.numel() - 1)]]
+        new = torch.where(has.unsqueeze(1), picked, old)
+        inv_old = self.inv_norm[cs, slot]
+        inv_new = torch.where(has, inverse_norms(new, self.inv_norm.dtype), inv_old)
+        age = (slot - self.ptr[cs] + self.count[cs]) % b
+        was_valid = age < self.count[cs]
+        writer = has & (rank < n_keep) & (rank >= n_keep - b)  # one element per written slot
+        f64 = torch.float64
+        delta = new.to(f64) * inv_new.to(f64).unsqueeze(1) - old.to(f64) * (inv_old.to(f64) * was_valid).unsqueeze(1)
+        self.concept_sum.index_add_(0, cs, delta * writer.unsqueeze(1))
+        self.feats[cs, slot] = new
+        self.inv_norm[cs, slot] = inv_new
+        self.count.copy_(torch.clamp(self.count + kept, max=b))
+        self.ptr.copy_((self.ptr + kept) % b)

@@ -376,13 +376,15 @@ class _BankLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, z: torch.Tensor, umask: torch.Tensor, valid_flat: torch.Tensor,
-                scale: torch.Tensor, nonempty: torch.Tensor, nb: int, impl: str, block_rows: int | None):
+                scale: torch.Tensor, nonempty: torch.Tensor, nb: int, impl: str, block_rows: int | None,
+                max_logit: float | None):
         acc = scale.dtype
         a_c = a.detach().to(z.dtype).contiguous()
         want_mean = bool(ctx.needs_input_grad[0])
         rows = _block_rows(block_rows, z.shape[0], a.device)
         if impl == "triton":  # a tile cannot see its row's maximum: a fixed shift where it is safe
-            shift = _shift_bound(a_c, z, scale, valid_flat)
+            shift = (_shift_bound(a_c, z, scale, valid_flat) if max_logit is None
+                     else (max_logit if 2 * max_logit <= _MAX_SPAN[torch.float32] else None))
             if want_mean and z.dtype == torch.float16:
                 # fp16 weights exp(s - c) * inv_norm / tau would underflow (min 6e-8 vs exp(-2c)): normalise by lse
                 shift = None
@@ -409,7 +411,7 @@ class _BankLSE(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor):
         mean, nonempty = ctx.saved_tensors
         g = torch.where(nonempty, g.to(mean.dtype), torch.zeros_like(g, dtype=mean.dtype))  # finite placeholder
-        return ((g.unsqueeze(1) * mean).to(ctx.a_dtype),) + (None,) * 8
+        return ((g.unsqueeze(1) * mean).to(ctx.a_dtype),) + (None,) * 9
 
 
 # ----------------------------------------------------------------------------------------------- public
@@ -424,6 +426,7 @@ def bank_logsumexp(
     impl: str = "auto",
     block_rows: int | None = None,
     dtype: torch.dtype | None = None,
+    max_logit: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Masked log-sum-exp of the bank logits per anchor row (module docstring), differentiable in ``a``.
 
@@ -438,6 +441,10 @@ def bank_logsumexp(
         block_rows: anchor rows per chunk (default: about 2**26 logits per chunk on CUDA, 2**24 on the CPU).
         dtype: matmul dtype (default ``a.dtype``); the bank and ``a`` are cast to it. The log-sum-exp and
             the gradient accumulate in fp32 (fp64 when ``dtype`` is fp64).
+        max_logit: a bound on ``|s_ij|`` known on the host (``~1 / tau`` for unit-norm anchors, since
+            ``inv_norm`` normalises the entries), used as the Triton path's fixed shift; None computes it
+            from the data (two host synchronisations). It only has to keep ``exp(s - c)`` in range: a
+            slightly low bound gives weights slightly above 1, not a wrong result.
 
     Returns:
         ``(lse, nonempty)``: ``lse (A,)`` in fp32 (fp64 for fp64), ``nonempty (A,)`` bool. Rows with
@@ -474,5 +481,7 @@ def bank_logsumexp(
     if z.stride(-1) != 1 or z.stride(0) != dim:
         z = z.contiguous()
     scale = inv_norm.detach().to(device=dev, dtype=acc).reshape(k * nb) / tau
-    lse = _BankLSE.apply(a, z, umask, valid.reshape(-1), scale, nonempty, nb, use, block_rows)
+    if max_logit is not None and not max_logit > 0:
+        raise ValueError(f"bank_logsumexp: max_logit must be > 0, got {max_logit}")
+    lse = _BankLSE.apply(a, z, umask, valid.reshape(-1), scale, nonempty, nb, use, block_rows, max_logit)
     return lse, nonempty

@@ -39,6 +39,16 @@ anchors' dtype (bf16 under AMP) with fp32 accumulation and an fp32 log-sum-exp; 
 gradient ``d lse_i / d a_i`` (an ``(A, d)`` tensor), so nothing logit-sized is kept for the backward pass.
 ``bank_impl="reference"`` keeps the plain fp32 masked log-sum-exp over materialised logits for comparison
 (tests check both agree in value and gradient).
+
+Layout: one short function per equation and form -- :func:`official_pair_loss` (official SupCon form),
+:func:`paper_pair_loss` (Eq. 4), :func:`in_batch_term`, :func:`bank_term_official` (fused),
+:func:`bank_term_materialised` (reference / Eq. 4 over the bank), :func:`mean_of_terms` -- and
+:func:`concept_contrastive_loss` checks the inputs and puts them together. The bank arrives as a :class:`causeseg.bank.BankTensors` (a
+:class:`~causeseg.bank.ConceptBank` keeps the entries' inverse norms and the per-concept sums ``S_m`` up to
+date at insertion) or as a plain ``(k, b, d)`` tensor (both are then computed here). Statistics are returned
+as 0-d tensors, so a training step needs no host synchronisation (:func:`stats_as_numbers` converts them,
+one synchronisation); where a term's logits would not fit a memory budget (the paper form and the reference
+bank term over ``k*b`` entries) the anchors are processed in chunks under activation checkpointing.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .bank import BankTensors
 from .bank_lse import bank_logsumexp
 
 __all__ = [
@@ -57,7 +68,14 @@ __all__ = [
     "concept_distance",
     "assign_concepts",
     "concept_masks",
+    "official_pair_loss",
+    "paper_pair_loss",
+    "in_batch_term",
+    "bank_term_official",
+    "bank_term_materialised",
+    "mean_of_terms",
     "concept_contrastive_loss",
+    "stats_as_numbers",
 ]
 
 FORMS = ("official", "paper")
@@ -67,6 +85,9 @@ BANK_IMPLS = ("auto", "torch", "triton", "reference")
 
 #: elements of the (tokens x k) similarity temporary of :func:`assign_concepts` (64 MB in fp32)
 _ASSIGN_CHUNK_ELEMENTS = 2**24
+#: elements of one chunk's materialised ``(rows x candidates)`` logits when no ``chunk_size`` is given
+#: (fp32: 256 MB on CUDA, 64 MB on the CPU; masks and the backward pass take a few times that)
+_LOGIT_BUDGET = {"cuda": 2**26, "cpu": 2**24}
 
 
 def concept_distance(m: torch.Tensor) -> torch.Tensor:
@@ -118,6 +139,7 @@ def concept_masks(anchor_c: torch.Tensor, cand_c: torch.Tensor, d_m: torch.Tenso
     return d > phi_pos, d < phi_neg
 
 
+# ------------------------------------------------------------------------------------------- pair losses
 def _masked_logsumexp(s: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``log sum_{mask} exp(s)`` over the last dim, NaN-free in value and gradient.
 
@@ -132,35 +154,41 @@ def _masked_logsumexp(s: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor
     return lse, mask.any(-1)
 
 
-def _pair_losses(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, form: str) -> torch.Tensor:
-    """Per anchor row: ``sum_{j in Pos_i} l_ij`` for logits ``s (R, Q)`` and masks ``(R, Q)``."""
-    if form == "official":
-        lse, _ = _masked_logsumexp(s, pos | neg)
-        npos = pos.sum(-1).to(s.dtype)
-        spos = torch.where(pos, s, torch.zeros_like(s)).sum(-1)
-        return npos * lse - spos  # npos = 0 -> exactly 0 (lse is finite)
+def official_pair_loss(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Official (SupCon-like) form, per anchor row: ``sum_{j in Pos_i} l_ij`` with
+    ``l_ij = -s_ij + log sum_{j' in Pos_i u Neg_i} exp(s_ij')`` (official code; the paper's Eq. 4 has one
+    positive in the denominator). ``s (R, Q)`` logits, ``pos`` / ``neg`` bool ``(R, Q)``. Equals
+    ``|Pos_i| * lse_i - sum_{Pos_i} s_ij``; exactly 0 for an anchor without positives."""
+    lse, _ = _masked_logsumexp(s, pos | neg)
+    npos = pos.sum(-1).to(s.dtype)
+    spos = torch.where(pos, s, torch.zeros_like(s)).sum(-1)
+    return npos * lse - spos  # npos = 0 -> exactly 0 (lse is finite)
+
+
+def paper_pair_loss(s: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """Paper Eq. 4, per anchor row: ``sum_{j in Pos_i} -log( exp(s_ij) / (exp(s_ij) + sum_{j' in Neg_i}
+    exp(s_ij')) )`` = ``sum_{Pos_i} softplus(lse_{Neg_i} - s_ij)``; a pair counts 0 when ``Neg_i`` is empty."""
     lse_neg, has_neg = _masked_logsumexp(s, neg)
-    # Eq. 4: -log(e^s / (e^s + sum_neg e^s')) = softplus(lse_neg - s); = 0 when Neg_i is empty
     per_pair = F.softplus(lse_neg.unsqueeze(-1) - s)
     return torch.where(pos & has_neg.unsqueeze(-1), per_pair, torch.zeros_like(per_pair)).sum(-1)
 
 
-def _bank_positive_sum(a: torch.Tensor, p_con: torch.Tensor, flat: torch.Tensor, valid: torch.Tensor,
-                       inv_norm: torch.Tensor, tau: float, dt: torch.dtype) -> torch.Tensor:
-    """``sum_{j in Pos_i} s_ij = a_i . (P_i @ S) / tau`` per anchor, ``S_m = sum_slot valid z_{m,slot} / ||z||``.
+PAIR_LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "official": official_pair_loss, "paper": paper_pair_loss}
 
-    ``flat (k*b, d)`` in its storage dtype: a low-precision bank is reduced in its own dtype (fp32
-    accumulation inside ``bmm``), so no fp32 copy of the bank is made; the result is in ``dt``.
-    """
-    k, nb = valid.shape
-    w = (valid.to(dt) * inv_norm.reshape(k, nb).to(dt)).unsqueeze(1)  # (k, 1, b)
-    s_con = torch.bmm(w.to(flat.dtype), flat.reshape(k, nb, -1)).squeeze(1).to(dt)  # (k, d), no bank-sized temporary
-    return (a * (p_con.to(dt) @ s_con)).sum(-1) / tau
+
+# ------------------------------------------------------------------------------------------- chunking
+def budget_rows(n_rows: int, n_cols: int, device: torch.device) -> int | None:
+    """Anchor rows per chunk that keep ``rows x n_cols`` logits within the memory budget (None: all fit)."""
+    budget = _LOGIT_BUDGET.get(device.type, _LOGIT_BUDGET["cpu"])
+    if n_rows * n_cols <= budget:
+        return None
+    return max(1, budget // max(1, n_cols))
 
 
 def _rowwise(fn: Callable[..., torch.Tensor], a: torch.Tensor, extra: tuple[torch.Tensor, ...],
              chunk_size: int | None) -> torch.Tensor:
-    """Apply ``fn(a_rows, *extra_rows) -> (rows,)`` over chunks of anchor rows.
+    """Apply ``fn(a_rows, *extra_rows) -> (rows, ...)`` over chunks of anchor rows.
 
     With ``chunk_size`` and a gradient-requiring ``a``, each chunk runs under activation
     checkpointing, so only one chunk's ``(rows x candidates)`` logits live at a time, in the
@@ -178,6 +206,141 @@ def _rowwise(fn: Callable[..., torch.Tensor], a: torch.Tensor, extra: tuple[torc
     return torch.cat(outs)
 
 
+# ------------------------------------------------------------------------------------------- terms
+def in_batch_term(a: torch.Tensor, z: torch.Tensor, qa: torch.Tensor, qz: torch.Tensor, d_m: torch.Tensor,
+                  self_idx: torch.Tensor, *, tau: float, phis: tuple[float, float], form: str,
+                  chunk_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-batch term: per anchor ``(sum_{j in Pos_i} l_ij, |Pos_i|)`` over the teacher tokens ``z (Q, d)``.
+
+    ``a (A, d)`` and ``z`` L2-normalised, ``s_ij = a_i . z_j / tau``; ``qa (A,)`` / ``qz (Q,)`` concepts;
+    candidate ``self_idx[i]`` (the anchor's own token, -1 for none) is neither positive nor negative.
+    """
+    cand_pos = torch.arange(z.shape[0], device=z.device)
+
+    def rows(a_rows: torch.Tensor, q_rows: torch.Tensor, self_rows: torch.Tensor) -> torch.Tensor:
+        s = a_rows @ z.t() / tau
+        pos, neg = concept_masks(q_rows, qz, d_m, *phis)
+        keep = cand_pos.unsqueeze(0) != self_rows.unsqueeze(1)
+        pos, neg = pos & keep, neg & keep
+        return torch.stack([PAIR_LOSSES[form](s, pos, neg), pos.sum(-1).to(s.dtype)], -1)
+
+    chunk = chunk_size if chunk_size is not None else budget_rows(a.shape[0], z.shape[0], a.device)
+    out = _rowwise(rows, a, (qa, self_idx), chunk)
+    return out[:, 0].contiguous(), out[:, 1].detach().round().long()
+
+
+def bank_positive_sum(a: torch.Tensor, p_con: torch.Tensor, sums: torch.Tensor, tau: float) -> torch.Tensor:
+    """``sum_{j in Pos_i} s_ij = a_i . (P_i @ S) / tau`` per anchor: with the per-concept sums of the normalised
+    entries ``S (k, d)`` the positive part of the official bank term needs no logits."""
+    return (a * (p_con.to(a.dtype) @ sums.to(a.dtype))).sum(-1) / tau
+
+
+def bank_term_official(a: torch.Tensor, p_con: torch.Tensor, n_con: torch.Tensor, bank: BankTensors,
+                       npos: torch.Tensor, *, tau: float, impl: str, chunk_size: int | None,
+                       dtype: torch.dtype) -> torch.Tensor:
+    """Official-form bank term, fused: ``sum_{j in Pos_i} l_ij = |Pos_i| lse_i - a_i . (P_i @ S) / tau`` with
+    ``lse_i`` over ``Pos_i u Neg_i`` from :func:`causeseg.bank_lse.bank_logsumexp` (matmuls in ``dtype``,
+    nothing logit-sized kept; ``|s_ij| <= 1 / tau`` for normalised anchors bounds its Triton shift)."""
+    lse, _ = bank_logsumexp(a, bank.feats, p_con | n_con, bank.valid, bank.inv_norm, tau, impl=impl,
+                            block_rows=chunk_size, dtype=dtype, max_logit=1.01 / tau)
+    return npos.to(a.dtype) * lse.to(a.dtype) - bank_positive_sum(a, p_con, bank.sums, tau)
+
+
+def bank_term_materialised(a: torch.Tensor, p_con: torch.Tensor, n_con: torch.Tensor, bank: BankTensors,
+                           npos: torch.Tensor, *, tau: float, form: str, chunk_size: int | None) -> torch.Tensor:
+    """Bank term over materialised ``(rows x k*b)`` logits in ``a``'s dtype, either form (reference for the
+    official form, the only path of Eq. 4). Entry ``(m, slot)`` is a positive / negative of anchor ``i``
+    when concept ``m`` is (``p_con`` / ``n_con``, ``(A, k)``) and the slot is filled. Chunked under
+    checkpointing by ``chunk_size`` (default: within the logit budget)."""
+    k, nb, dim = bank.feats.shape
+    flat = bank.feats.to(a.dtype).reshape(k * nb, dim)
+    scale = (bank.inv_norm.to(a.dtype).reshape(-1) / tau).unsqueeze(0)
+    valid = bank.valid
+
+    def rows(a_rows: torch.Tensor, p_rows: torch.Tensor, n_rows: torch.Tensor) -> torch.Tensor:
+        s = (a_rows @ flat.t()) * scale  # (R, k*b)
+        pos = (p_rows.unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
+        neg = (n_rows.unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
+        if form == "official":  # only the log-sum-exp over Pos u Neg needs the logits
+            return _masked_logsumexp(s, pos | neg)[0]
+        return paper_pair_loss(s, pos, neg)
+
+    chunk = chunk_size if chunk_size is not None else budget_rows(a.shape[0], k * nb, a.device)
+    out = _rowwise(rows, a, (p_con, n_con), chunk)
+    if form == "official":
+        out = npos.to(a.dtype) * out - bank_positive_sum(a, p_con, bank.sums, tau)
+    return out
+
+
+def mean_of_terms(sums: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss = mean over the terms with a positive pair of (sum of ``l_ij`` / number of positive pairs);
+    ``sums``, ``counts`` ``(T, B)``. Returns ``(loss, terms_used)``; no term gives a zero, differentiable loss.
+    """
+    used = counts > 0
+    per_term = sums / counts.clamp_min(1).to(sums.dtype)
+    n_used = used.sum()
+    # times the reciprocal: what dividing by a host integer does (so the value is the one of earlier versions)
+    total = torch.where(used, per_term, torch.zeros_like(per_term)).sum()
+    loss = total * n_used.clamp_min(1).to(sums.dtype).reciprocal()
+    return loss, n_used
+
+
+# ------------------------------------------------------------------------------------------- the loss
+def _check_inputs(anchors: torch.Tensor, cands: torch.Tensor, anchor_c: torch.Tensor, cand_c: torch.Tensor,
+                  d_m: torch.Tensor, opts: dict) -> None:
+    """Shape and argument checks (host information only); concept ranges only with ``opts["validate"]``."""
+    name = "concept_contrastive_loss"
+    if opts["form"] not in FORMS:
+        raise ValueError(f"{name}: form must be one of {FORMS}, got {opts['form']!r}")
+    if opts["bank_impl"] not in BANK_IMPLS:
+        raise ValueError(f"{name}: bank_impl must be one of {BANK_IMPLS}, got {opts['bank_impl']!r}")
+    if opts["tau"] <= 0:
+        raise ValueError(f"{name}: tau must be > 0, got {opts['tau']}")
+    if opts["phi_neg"] > opts["phi_pos"]:
+        raise ValueError(f"{name}: phi_neg ({opts['phi_neg']}) must not exceed phi_pos ({opts['phi_pos']})")
+    if anchors.dim() != 3 or cands.dim() != 3 or anchors.shape[-1] != cands.shape[-1]:
+        raise ValueError(f"{name}: expected anchors (B, n, d) and cands (Bc, nc, d), got "
+                         f"{tuple(anchors.shape)} and {tuple(cands.shape)}")
+    bsz, n, _ = anchors.shape
+    bc, nc, _ = cands.shape
+    if tuple(anchor_c.shape) != (bsz, n) or tuple(cand_c.shape) != (bc, nc):
+        raise ValueError(f"{name}: anchor_c {tuple(anchor_c.shape)} / cand_c {tuple(cand_c.shape)} do not match "
+                         f"anchors {tuple(anchors.shape)} / cands {tuple(cands.shape)}")
+    if d_m.dim() != 2 or d_m.shape[0] != d_m.shape[1]:
+        raise ValueError(f"{name}: D_M must be (k, k), got {tuple(d_m.shape)}")
+    k = d_m.shape[0]
+    if opts["validate"]:
+        for label, q in (("anchor_c", anchor_c), ("cand_c", cand_c)):
+            if q.numel() and bool(((q < 0) | (q >= k)).any()):
+                raise ValueError(f"{name}: {label} holds concepts outside [0, {k})")
+    if opts["exclude_self"]:
+        if nc != n:
+            raise ValueError(f"{name}: exclude_self needs as many candidates per image as anchors (n={n}, "
+                             f"nc={nc}); pass exclude_self=False otherwise")
+        if opts["anchor_offset"] < 0 or opts["anchor_offset"] + bsz > bc:
+            raise ValueError(f"{name}: anchor_offset {opts['anchor_offset']} + B {bsz} exceeds the {bc} "
+                             f"candidate images")
+
+
+def _bank_tensors(bank: torch.Tensor | BankTensors, bank_valid: torch.Tensor | None, k: int, dim: int,
+                  dt: torch.dtype, dev: torch.device) -> BankTensors:
+    """The bank as :class:`BankTensors` on ``dev`` (computed from a plain tensor; checked)."""
+    if isinstance(bank, BankTensors):
+        if bank_valid is not None:
+            raise ValueError("concept_contrastive_loss: bank_valid goes with a plain bank tensor, not BankTensors")
+        feats, valid = bank.feats, bank.valid
+    else:
+        feats, valid = bank, bank_valid
+    if feats.dim() != 3 or feats.shape[0] != k or feats.shape[2] != dim:
+        raise ValueError(f"concept_contrastive_loss: bank must be (k={k}, b, d={dim}), got {tuple(feats.shape)}")
+    nb = feats.shape[1]
+    if valid is not None and tuple(valid.shape) != (k, nb):
+        raise ValueError(f"concept_contrastive_loss: bank_valid must be ({k}, {nb}), got {tuple(valid.shape)}")
+    if isinstance(bank, BankTensors):
+        return BankTensors(*(t.to(dev) for t in (bank.feats, bank.valid, bank.inv_norm, bank.sums, bank.counts)))
+    return BankTensors.from_tensors(feats.detach().to(dev), valid, acc=dt)
+
+
 def concept_contrastive_loss(
     anchors: torch.Tensor,
     cands: torch.Tensor,
@@ -185,7 +348,7 @@ def concept_contrastive_loss(
     cand_c: torch.Tensor,
     d_m: torch.Tensor,
     *,
-    bank: torch.Tensor | None = None,
+    bank: torch.Tensor | BankTensors | None = None,
     bank_valid: torch.Tensor | None = None,
     tau: float = 0.07,
     phi_pos: float = 0.3,
@@ -195,7 +358,8 @@ def concept_contrastive_loss(
     chunk_size: int | None = None,
     anchor_offset: int = 0,
     bank_impl: str = "auto",
-) -> tuple[torch.Tensor, dict[str, float]]:
+    validate: bool = True,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Concept-wise contrastive loss of CAUSE Step 2 (paper Eq. 4 / official SupCon-like form).
 
     Args:
@@ -205,27 +369,25 @@ def concept_contrastive_loss(
         anchor_c: ``(B, n)`` concepts of the anchors (:func:`assign_concepts` on backbone tokens).
         cand_c: ``(Bc, nc)`` concepts of the candidates.
         d_m: ``(k, k)`` concept distance matrix (:func:`concept_distance`).
-        bank: optional ``(k, b, d)`` concept bank of teacher projections (ring-buffer layout:
-            row ``m`` holds concept ``m``'s entries; detached here; cast to the anchors' dtype).
-        bank_valid: optional ``(k, b)`` bool mask of filled slots (default: all valid).
+        bank: optional concept bank of teacher projections: :meth:`causeseg.bank.ConceptBank.tensors` (entries
+            with their cached inverse norms and per-concept sums) or a plain ``(k, b, d)`` tensor (row ``m``
+            holds concept ``m``'s entries; detached here). Not normalised: the inverse norms do that.
+        bank_valid: with a plain bank tensor, optional ``(k, b)`` bool mask of filled slots (default: all).
         tau: temperature of ``s_ij = a_i . z_j / tau`` (0.07).
         phi_pos, phi_neg: positive if ``D > phi_pos``, negative if ``D < phi_neg`` (0.3 / 0.1).
-        form: ``"official"`` -- ``l_ij = -s_ij + log sum_{Pos_i u Neg_i} exp(s_ij')``;
-            ``"paper"`` (Eq. 4) -- ``l_ij = -log(exp(s_ij) / (exp(s_ij) + sum_{Neg_i} exp(s_ij')))``.
+        form: ``"official"`` (:func:`official_pair_loss`) or ``"paper"`` (Eq. 4, :func:`paper_pair_loss`).
         exclude_self: remove the self pair (anchor ``(b, i)`` vs candidate ``(b + anchor_offset, i)``)
             from the in-batch positives and negatives; requires ``nc == n``.
-        chunk_size: if given, anchors are processed ``chunk_size`` rows at a time under
-            activation checkpointing, so the peak memory of a term is about
-            ``chunk_size x (number of candidates)`` logits plus masks (for the bank term
-            ``chunk_size x k*b``) instead of ``B*n x (number of candidates)``. Same result. The fused
-            bank term (``bank_impl`` other than ``"reference"``) takes it as its rows per chunk and
-            keeps no logits for the backward pass; by default it bounds its chunks itself.
+        chunk_size: anchors per chunk of the materialised terms (activation checkpointing: only one chunk's
+            logits live at a time; same result). Default: chosen from a memory budget (about 2**24 logits
+            per chunk on the CPU, 2**26 on CUDA), no chunking when all fit. The fused bank term takes it as
+            its ``block_rows`` (by default it bounds its chunks itself).
         anchor_offset: index of the anchors' first image inside ``cands`` (distributed: rank * B).
-        bank_impl: official form only -- how the bank log-sum-exp is computed: ``"auto"`` / ``"torch"`` /
-            ``"triton"`` use :func:`causeseg.bank_lse.bank_logsumexp` (no ``(rows x k*b)`` mask, matmuls in
-            the anchors' dtype when that is fp16/bf16, fp32 log-sum-exp, ``chunk_size`` = its
-            ``block_rows``); ``"reference"`` the plain masked log-sum-exp over materialised fp32 logits
-            (chunked with checkpointing by ``chunk_size``). The paper form always uses the latter.
+        bank_impl: official form only -- ``"auto"`` / ``"torch"`` / ``"triton"`` use the fused
+            :func:`causeseg.bank_lse.bank_logsumexp` (:func:`bank_term_official`); ``"reference"`` the masked
+            log-sum-exp over materialised logits (:func:`bank_term_materialised`, as the paper form always).
+        validate: check that the concept indices lie in ``[0, k)`` (one host synchronisation; the training
+            step passes ``False``: its concepts come from an arg-max over the clusterbook).
 
     Precision: the in-batch term, the positive sums and the loss are computed in fp32 (fp64 for fp64
     anchors) whatever the anchors' dtype; with fp16/bf16 anchors (AMP) the official bank term's matmuls
@@ -235,48 +397,17 @@ def concept_contrastive_loss(
         ``(loss, stats)``. ``loss`` = mean of the available per-image terms
         ``[L_1^in, L_1^bank, ..., L_B^in, L_B^bank]``, each the mean of ``l_ij`` over that image's
         positive pairs; terms without a positive pair are dropped (never NaN); with no term at all
-        the loss is ``0 * anchors.sum()`` (zero, differentiable). ``stats`` (Python numbers):
+        the loss is zero (and differentiable). ``stats`` (detached 0-d tensors; :func:`stats_as_numbers`):
         ``terms_used``, ``terms_dropped`` (bank terms are considered only when the bank holds a
         valid entry), ``anchors_without_positive`` (no positive in any term),
         ``mean_positives_per_anchor`` (in-batch), ``mean_bank_positives_per_anchor``.
-
-    For the official form the bank term uses the ``(k, b, d)`` layout: the positive sum
-    ``sum_{j in Pos_i} s_ij = a_i . (P_i @ S) / tau`` with ``S_m = sum_slot valid z_{m,slot}`` and
-    ``P_i = [D_M[q_i] > phi_pos]``, so only the log-sum-exp needs the ``(B*n) x (k*b)`` logits, and
-    :func:`causeseg.bank_lse.bank_logsumexp` computes it chunk by chunk (or tile by tile) without keeping
-    them. Bank entries are normalised through their norms (the bank is never copied normalised).
     """
-    if form not in FORMS:
-        raise ValueError(f"concept_contrastive_loss: form must be one of {FORMS}, got {form!r}")
-    if bank_impl not in BANK_IMPLS:
-        raise ValueError(f"concept_contrastive_loss: bank_impl must be one of {BANK_IMPLS}, got {bank_impl!r}")
-    if tau <= 0:
-        raise ValueError(f"concept_contrastive_loss: tau must be > 0, got {tau}")
-    if phi_neg > phi_pos:
-        raise ValueError(f"concept_contrastive_loss: phi_neg ({phi_neg}) must not exceed phi_pos ({phi_pos})")
-    if anchors.dim() != 3 or cands.dim() != 3 or anchors.shape[-1] != cands.shape[-1]:
-        raise ValueError(f"concept_contrastive_loss: expected anchors (B, n, d) and cands (Bc, nc, d), got "
-                         f"{tuple(anchors.shape)} and {tuple(cands.shape)}")
+    opts = dict(form=form, bank_impl=bank_impl, tau=tau, phi_pos=phi_pos, phi_neg=phi_neg, validate=validate,
+                exclude_self=exclude_self, anchor_offset=anchor_offset)
+    _check_inputs(anchors, cands, anchor_c, cand_c, d_m, opts)
     bsz, n, dim = anchors.shape
     bc, nc, _ = cands.shape
-    if tuple(anchor_c.shape) != (bsz, n) or tuple(cand_c.shape) != (bc, nc):
-        raise ValueError(f"concept_contrastive_loss: anchor_c {tuple(anchor_c.shape)} / cand_c "
-                         f"{tuple(cand_c.shape)} do not match anchors {tuple(anchors.shape)} / cands "
-                         f"{tuple(cands.shape)}")
-    if d_m.dim() != 2 or d_m.shape[0] != d_m.shape[1]:
-        raise ValueError(f"concept_contrastive_loss: D_M must be (k, k), got {tuple(d_m.shape)}")
     k = d_m.shape[0]
-    for name, q in (("anchor_c", anchor_c), ("cand_c", cand_c)):
-        if q.numel() and (int(q.min()) < 0 or int(q.max()) >= k):
-            raise ValueError(f"concept_contrastive_loss: {name} holds concepts outside [0, {k})")
-    if exclude_self:
-        if nc != n:
-            raise ValueError(f"concept_contrastive_loss: exclude_self needs as many candidates per image as "
-                             f"anchors (n={n}, nc={nc}); pass exclude_self=False otherwise")
-        if anchor_offset < 0 or anchor_offset + bsz > bc:
-            raise ValueError(f"concept_contrastive_loss: anchor_offset {anchor_offset} + B {bsz} exceeds the "
-                             f"{bc} candidate images")
-
     dev = anchors.device
     dt = torch.promote_types(anchors.dtype, torch.float32)  # in-batch term, positives and loss: >= fp32
     low = anchors.dtype if anchors.dtype in (torch.float16, torch.bfloat16) else dt  # fast bank term matmuls
@@ -284,88 +415,45 @@ def concept_contrastive_loss(
     a = F.normalize(anchors.reshape(bsz * n, dim).to(dt), dim=-1)  # (A, d)
     qa = anchor_c.reshape(-1).to(dev)
     img = torch.arange(bsz, device=dev).repeat_interleave(n)
-
-    # ---------------------------------------------------------------- in-batch term
     z = F.normalize(cands.detach().reshape(bc * nc, dim).to(dt), dim=-1)  # (Q, d)
-    qz = cand_c.reshape(-1).to(dev)
-    if exclude_self:
-        self_idx = (img + anchor_offset) * nc + torch.arange(n, device=dev).repeat(bsz)
-    else:
-        self_idx = torch.full((bsz * n,), -1, dtype=torch.long, device=dev)
-    cand_pos = torch.arange(bc * nc, device=dev)
-
-    def in_batch(a_rows: torch.Tensor, q_rows: torch.Tensor, self_rows: torch.Tensor) -> torch.Tensor:
-        s = a_rows @ z.t() / tau
-        pos, neg = concept_masks(q_rows, qz, d_m, phi_pos, phi_neg)
-        keep = cand_pos.unsqueeze(0) != self_rows.unsqueeze(1)
-        return _pair_losses(s, pos & keep, neg & keep, form)
-
-    with torch.no_grad():  # positives per anchor, chunked like the loss
-        step = chunk_size or max(1, bsz * n)
-        npos_in = torch.cat([
-            (concept_masks(qa[s:s + step], qz, d_m, phi_pos, phi_neg)[0]
-             & (cand_pos.unsqueeze(0) != self_idx[s:s + step].unsqueeze(1))).sum(-1)
-            for s in range(0, bsz * n, step)]) if bsz * n else torch.zeros(0, dtype=torch.long, device=dev)
-    sum_in = _rowwise(in_batch, a, (qa, self_idx), chunk_size)  # (A,)
-    terms_sum = [sum_in.reshape(bsz, n).sum(1)]
-    terms_cnt = [npos_in.reshape(bsz, n).sum(1)]
+    self_idx = ((img + anchor_offset) * nc + torch.arange(n, device=dev).repeat(bsz) if exclude_self
+                else torch.full((bsz * n,), -1, dtype=torch.long, device=dev))
+    sum_in, npos_in = in_batch_term(a, z, qa, cand_c.reshape(-1).to(dev), d_m, self_idx, tau=tau,
+                                    phis=(phi_pos, phi_neg), form=form, chunk_size=chunk_size)
+    sums, counts = [sum_in.reshape(bsz, n).sum(1)], [npos_in.reshape(bsz, n).sum(1)]
     npos_bank = torch.zeros_like(npos_in)
-
-    # ---------------------------------------------------------------- bank term
+    bank_any = torch.zeros((), dtype=torch.bool, device=dev)
     if bank is not None:
-        if bank.dim() != 3 or bank.shape[0] != k or bank.shape[2] != dim:
-            raise ValueError(f"concept_contrastive_loss: bank must be (k={k}, b, d={dim}), got {tuple(bank.shape)}")
-        nb = bank.shape[1]
-        valid = (torch.ones(k, nb, dtype=torch.bool, device=dev) if bank_valid is None
-                 else bank_valid.to(device=dev, dtype=torch.bool))
-        if tuple(valid.shape) != (k, nb):
-            raise ValueError(f"concept_contrastive_loss: bank_valid must be ({k}, {nb}), got {tuple(valid.shape)}")
-        if bool(valid.any()):
-            p_con, n_con = concept_masks(qa, torch.arange(k, device=dev), d_m, phi_pos, phi_neg)  # (A, k)
-            cnt = valid.sum(1).to(torch.float32)  # exact counts (< 2**24)
-            npos_bank = (p_con.to(torch.float32) @ cnt).round().long()
-            if form == "official" and bank_impl != "reference":
-                # fast path: lse over Pos u Neg without (rows x k*b) masks; the bank keeps its storage dtype
-                zb = bank.detach().to(device=dev)
-                flat = zb.reshape(k * nb, dim)
-                inv_norm = 1.0 / torch.linalg.vector_norm(flat, dim=-1, dtype=dt).clamp_min(1e-12)
-                lse, _ = bank_logsumexp(a, zb, p_con | n_con, valid, inv_norm.reshape(k, nb), tau, impl=bank_impl,
-                                        block_rows=chunk_size, dtype=low)
-                out = npos_bank.to(dt) * lse.to(dt) - _bank_positive_sum(a, p_con, flat, valid, inv_norm, tau, dt)
-            else:
-                flat = bank.detach().to(device=dev, dtype=dt).reshape(k * nb, dim)  # view when possible
-                inv_norm = 1.0 / flat.norm(dim=-1).clamp_min(1e-12)  # F.normalize semantics
-
-                def bank_rows(a_rows: torch.Tensor, p_rows: torch.Tensor, n_rows: torch.Tensor) -> torch.Tensor:
-                    s = (a_rows @ flat.t()) * (inv_norm / tau).unsqueeze(0)  # (R, k*b)
-                    if form == "official":  # only the log-sum-exp over Pos u Neg needs the full logits
-                        union = ((p_rows | n_rows).unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
-                        return _masked_logsumexp(s, union)[0]
-                    pos = (p_rows.unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
-                    neg = (n_rows.unsqueeze(-1) & valid.unsqueeze(0)).reshape(len(a_rows), -1)
-                    return _pair_losses(s, pos, neg, form)
-
-                out = _rowwise(bank_rows, a, (p_con, n_con), chunk_size)
-                if form == "official":
-                    out = npos_bank.to(dt) * out - _bank_positive_sum(a, p_con, flat, valid, inv_norm, tau, dt)
-            terms_sum.append(out.reshape(bsz, n).sum(1))
-            terms_cnt.append(npos_bank.reshape(bsz, n).sum(1))
-
-    sums = torch.stack(terms_sum)  # (T, B)
-    cnts = torch.stack(terms_cnt)
-    used = cnts > 0
-    per_term = sums / cnts.clamp_min(1).to(dt)
-    n_used = int(used.sum())
-    if n_used > 0:
-        loss = torch.where(used, per_term, torch.zeros_like(per_term)).sum() / n_used
-    else:
-        loss = 0.0 * anchors.sum().to(dt)
-    has_any = (npos_in + npos_bank) > 0
-    stats = {
-        "terms_used": n_used,
-        "terms_dropped": int(used.numel()) - n_used,
-        "anchors_without_positive": int((~has_any).sum()),
-        "mean_positives_per_anchor": float(npos_in.double().mean()) if npos_in.numel() else 0.0,
-        "mean_bank_positives_per_anchor": float(npos_bank.double().mean()) if npos_bank.numel() else 0.0,
-    }
+        bt = _bank_tensors(bank, bank_valid, k, dim, dt, dev)
+        p_con, n_con = concept_masks(qa, torch.arange(k, device=dev), d_m, phi_pos, phi_neg)  # (A, k)
+        npos_bank = (p_con.to(torch.float32) @ bt.counts.to(torch.float32)).round().long()  # exact (< 2**24)
+        if form == "official" and bank_impl != "reference":
+            out = bank_term_official(a, p_con, n_con, bt, npos_bank, tau=tau, impl=bank_impl,
+                                     chunk_size=chunk_size, dtype=low)
+        else:
+            out = bank_term_materialised(a, p_con, n_con, bt, npos_bank, tau=tau, form=form, chunk_size=chunk_size)
+        sums.append(out.reshape(bsz, n).sum(1))
+        counts.append(npos_bank.reshape(bsz, n).sum(1))
+        bank_any = bt.counts.sum() > 0
+    loss, n_used = mean_of_terms(torch.stack(sums), torch.stack(counts))
+    with torch.no_grad():
+        considered = bsz * (1 + bank_any.long())
+        zero = torch.zeros((), dtype=torch.float64, device=dev)
+        stats = {
+            "terms_used": n_used,
+            "terms_dropped": considered - n_used,
+            "anchors_without_positive": ((npos_in + npos_bank) == 0).sum(),
+            "mean_positives_per_anchor": npos_in.double().mean() if npos_in.numel() else zero,
+            "mean_bank_positives_per_anchor": npos_bank.double().mean() if npos_bank.numel() else zero,
+        }
     return loss, stats
+
+
+def stats_as_numbers(stats: dict[str, torch.Tensor | float]) -> dict[str, float]:
+    """The statistics as Python floats (one host synchronisation for all of them)."""
+    keys = [key for key, v in stats.items() if torch.is_tensor(v)]
+    out = {key: float(v) for key, v in stats.items() if not torch.is_tensor(v)}
+    if keys:
+        vals = torch.stack([stats[key].detach().to(torch.float64).reshape(()) for key in keys]).cpu().tolist()
+        out.update(zip(keys, vals))
+    return out

@@ -24,13 +24,15 @@ from .bank import storage_dtype as bank_storage_dtype
 from .centroids import CentroidLearner
 from .clusterbook import Clusterbook, Codebook, discretise
 from .config import Config, save_config
-from .contrastive import assign_concepts, concept_contrastive_loss, concept_distance
+from .contrastive import concept_distance, stats_as_numbers
 from .features import FeatureSource, amp_dtype, autocast_context
-from .heads import ProjectionHead, ema_decay, ema_update, make_teacher
+from .heads import ProjectionHead, make_teacher
 from .loop import LoopSpec, run_loop
 from .model import CauseModel, build_head, run_head, tokens
 from .modularity import gather_tokens, modularity_objective
 from .sampling import per_sample_grid
+from .step2 import ConceptCache, Step2State
+from .step2 import step2_update as run_step2_update
 from .utils import atomic_write_json, resolve_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -191,67 +193,11 @@ def step2_update(
     d_m: torch.Tensor, feats: torch.Tensor, idx: torch.Tensor, epoch: int, opt: torch.optim.Optimizer,
     bank_gen: torch.Generator, device, scaler=None, ema_step: int = 0,
 ) -> dict[str, float]:
-    """One Step-2 iteration: heads, anchors, concept-wise contrastive loss, update, EMA, bank.
-
-    ``ema_step`` is the number of EMA updates done before this one (it sets the decay under
-    ``step2.ema_warmup``).
-    """
-    s = cfg.step2
-    b, c, h, w = feats.shape
-    t = tokens(feats)
-    q = assign_concepts(t, codebook)  # (B, N) concept of every token (on backbone features)
-    grid = per_sample_grid(idx, h, w, s.grid, seed=cfg.run.seed, stage="step2", epoch=epoch, device=device)
-    qs = torch.gather(q, 1, grid)
-    student.train()
-    teacher.train()  # official: the teacher runs with dropout active
-    with autocast_context(device, cfg.run.amp):
-        if s.head == "tr":  # the decoder needs the whole grid; sample afterwards
-            ys = gather_tokens(run_head(student.head, t, codebook, (h, w), q), grid)
-            with torch.no_grad():
-                yt = gather_tokens(run_head(teacher.head, t, codebook, (h, w), q), grid)
-        else:  # per-token MLP: sample first (equivalent, cheaper)
-            ts = gather_tokens(t, grid)
-            ys = student.head(ts)
-            with torch.no_grad():
-                yt = teacher.head(ts)
-        a = student.projection(ys)
-        with torch.no_grad():
-            z = teacher.projection(yt)
-    # a and z stay in the autocast dtype (bf16 under AMP): the bank term runs its matmuls in it; the loss
-    # upcasts what it needs (in-batch term, positives, log-sum-exps and the loss itself are fp32)
-    z_all = D.all_gather_cat(z)  # the in-batch candidates are the global batch's teacher features
-    q_all = D.all_gather_cat(qs)
-    ctx = D.current()
-    kwargs = {}
-    if ctx.enabled:
-        kwargs["anchor_offset"] = ctx.rank * b
-    loss, stats = concept_contrastive_loss(
-        a, z_all, qs, q_all, d_m,
-        bank=bank.feats if (bank is not None and s.use_bank) else None,
-        bank_valid=bank.valid_mask() if (bank is not None and s.use_bank) else None,
-        tau=s.tau, phi_pos=s.phi_pos, phi_neg=s.phi_neg, form=s.loss_form, chunk_size=s.loss_chunk,
-        bank_impl=s.bank_impl, **kwargs,
-    )
-    # distributed: weight so the averaged gradient is that of the global mean over all ranks' terms
-    objective = loss * D.global_mean_factor(stats["terms_used"]) if ctx.enabled else loss
-    opt.zero_grad(set_to_none=True)
-    (scaler.scale(objective) if scaler is not None else objective).backward()
-    D.average_gradients(student.parameters())  # before unscale_: all ranks see the same inf/NaN
-    if scaler is not None:
-        scaler.unscale_(opt)
-    if s.grad_clip and s.grad_clip > 0:  # covers the unsupervised head only
-        torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
-    if scaler is not None:
-        scaler.step(opt)
-        scaler.update()
-    else:
-        opt.step()
-    ema_update(teacher, student, ema_decay(ema_step, s.ema, s.ema_warmup))
-    if bank is not None and s.use_bank:
-        bank.update(q_all.reshape(-1), z_all.reshape(-1, z_all.shape[-1]).to(bank.feats.dtype), generator=bank_gen)
-    out = {"loss": float(loss.item())}
-    out.update({k: float(v) for k, v in stats.items() if isinstance(v, (int, float)) or torch.is_tensor(v)})
-    return out
+    """One Step-2 iteration with the former signature and Python-number statistics (for callers that drive
+    single iterations, such as the distributed tests); training builds a :class:`causeseg.step2.Step2State`
+    once and calls :func:`causeseg.step2.step2_update`, which does not synchronise with the device."""
+    state = Step2State(cfg, student, teacher, codebook, d_m, opt, device, bank=bank, bank_gen=bank_gen, scaler=scaler)
+    return stats_as_numbers(run_step2_update(state, feats, idx, epoch, ema_step))
 
 
 def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device, ctx: D.DistContext,
@@ -282,13 +228,15 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
     # fp16 needs loss scaling; bf16 and fp32 do not
     scaler = torch.amp.GradScaler(device.type) if amp_dtype(device, cfg.run.amp) == torch.float16 else None
 
-    def step(feats, idx, epoch, global_step):  # one EMA update per step: global_step counts the ones done
-        return step2_update(cfg, student, teacher, bank, codebook, d_m, feats, idx, epoch, opt, bank_gen, device,
-                            scaler, ema_step=global_step)
+    # with the feature cache on, an item's features (hence its concepts) are the same in every epoch
+    concepts = ConceptCache(source.n, h * w, book.k, device) if source.cached else None
+    state = Step2State(cfg, student, teacher, codebook, d_m, opt, device, bank=bank, bank_gen=bank_gen,
+                       scaler=scaler, concepts=concepts)
 
-    objs: dict[str, Any] = dict(student=student, teacher=teacher, opt=opt, bank_gen=bank_gen)
-    if bank is not None:
-        objs["bank"] = bank
+    def step(feats, idx, epoch, global_step):  # one EMA update per step: global_step counts the ones done
+        return run_step2_update(state, feats, idx, epoch, ema_step=global_step)
+
+    objs: dict[str, Any] = state.checkpoint_objects()
     spec = LoopSpec("step2", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step2.pt",
                     cfg.run.checkpoint_every, cfg.run.progress, ctx)
     summary = run_loop(spec, step, {"step2": _ModuleState(**objs)}, stop_after=stop_after)
