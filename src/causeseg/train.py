@@ -44,8 +44,13 @@ log = logging.getLogger(__name__)
 def build_backbone_from_config(cfg: Config, device: torch.device):
     from .backbones import build_backbone
 
-    bb = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, download=cfg.backbone.download,
-                        **cfg.backbone.options)
+    from .config import ConfigError
+
+    try:
+        bb = build_backbone(cfg.backbone.name, weights=cfg.backbone.weights, download=cfg.backbone.download,
+                            **cfg.backbone.options)
+    except TypeError as exc:  # an option the backbone does not take
+        raise ConfigError(f"backbone.options={cfg.backbone.options!r}: {exc}") from None
     return bb.to(device).eval()
 
 
@@ -67,10 +72,16 @@ def build_split(cfg: Config, split: str, resolution: int, *, with_labels: bool, 
                          label_spec=cfg.data.label_spec, on_error=cfg.data.on_error)
 
 
-def _source(cfg: Config, backbone, resolution: int, run_dir: Path, device, ctx: D.DistContext) -> FeatureSource:
+def _source(cfg: Config, backbone, resolution: int, run_dir: Path, device, ctx: D.DistContext,
+            weights_digest: str | None = None) -> FeatureSource:
+    from .provenance import dataset_digest, state_digest
+
     ds = build_split(cfg, cfg.data.train_split, resolution, with_labels=False, crop=cfg.data.crop)
-    sig = json.dumps([cfg.backbone.name, cfg.backbone.weights, cfg.backbone.options, cfg.data.dataset,
-                      cfg.data.root, cfg.data.train_split, cfg.data.crop, cfg.data.mode, resolution], sort_keys=True)
+    amp = amp_dtype(device, cfg.run.amp)
+    # the cache's identity: backbone (name, options, weights digest), AMP dtype, images and their geometry
+    sig = json.dumps([cfg.backbone.name, weights_digest or state_digest(backbone), cfg.backbone.options,
+                      str(amp), cfg.data.dataset, dataset_digest(ds), cfg.data.train_split, cfg.data.crop,
+                      cfg.data.mode, resolution], sort_keys=True)
     return FeatureSource(backbone, ds, device=device, amp=cfg.run.amp,
                          cache_dir=run_dir / "cache",
                          cache=cfg.run.feature_cache, cache_limit_gb=cfg.run.cache_limit_gb,
@@ -117,16 +128,18 @@ class _ModuleState:
 # Step 1
 # ---------------------------------------------------------------------------------------------
 def train_step1(cfg: Config, backbone, run_dir: Path, device, ctx: D.DistContext, stop_after: int | None = None,
-                source: FeatureSource | None = None) -> Clusterbook:
+                source: FeatureSource | None = None, fingerprint: dict | None = None) -> Clusterbook:
+    """Step 1 into ``artifacts/clusterbook.pt`` (reused when it exists: :func:`train_all` has already removed
+    an artifact built under another fingerprint)."""
     s = cfg.step1
     out = run_dir / "artifacts" / "clusterbook.pt"
     if out.exists():
-        log.info("step 1: clusterbook exists (%s), skipping", out)
+        log.info("step 1: reusing %s (built under the same settings)", out)
         return Clusterbook.load(out)
     source = source or _source(cfg, backbone, s.resolution, run_dir, device, ctx)
     c = source.feature_shape[0]
     meta = {"backbone": cfg.backbone.name, "dataset": cfg.data.dataset, "k": s.k, "method": s.method,
-            "variant": s.variant, "tau": s.tau, "dim": c}
+            "variant": s.variant, "tau": s.tau, "dim": c, "fingerprint": fingerprint}
     if s.method != "modularity":
         toks = []
         n_per = max(1, s.max_samples // max(source.n, 1))
@@ -151,7 +164,7 @@ def train_step1(cfg: Config, backbone, run_dir: Path, device, ctx: D.DistContext
             return _optimise(loss, opt, codebook.parameters())
 
         spec = LoopSpec("step1", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step1.pt",
-                        cfg.run.checkpoint_every, cfg.run.progress, ctx)
+                        cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint)
         summary = run_loop(spec, step, {"step1": _ModuleState(codebook=codebook, opt=opt)}, stop_after=stop_after)
         meta["summary"] = summary
         book = Clusterbook(codebook.weight.detach().cpu(), meta)
@@ -201,17 +214,21 @@ def step2_update(
 
 
 def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device, ctx: D.DistContext,
-                stop_after: int | None = None, source: FeatureSource | None = None) -> tuple[Student, dict]:
+                stop_after: int | None = None, source: FeatureSource | None = None,
+                fingerprint: dict | None = None) -> tuple[Student, dict]:
+    """Step 2 into ``artifacts/head.pt`` (reused when it exists, see :func:`train_step1`)."""
     s = cfg.step2
     out = run_dir / "artifacts" / "head.pt"
     source = source or _source(cfg, backbone, s.resolution, run_dir, device, ctx)
     c, h, w = source.feature_shape
     nq = h * w if s.head == "tr" else None
     if out.exists():
-        obj = torch.load(out, map_location="cpu", weights_only=False)
+        obj = torch.load(out, map_location="cpu", weights_only=True)
         teacher = build_student(cfg, c, nq)
-        teacher.load_state_dict(obj["teacher"])
-        log.info("step 2: head exists (%s), skipping", out)
+        from .backbones.checkpoint import load_state_dict_strict
+
+        load_state_dict_strict(teacher, obj["teacher"], str(out))
+        log.info("step 2: reusing %s (built under the same settings)", out)
         return teacher.to(device), obj["meta"]
     torch.manual_seed(cfg.run.seed)  # head init is identical on all ranks (same seed)...
     student = build_student(cfg, c, nq).to(device)
@@ -238,14 +255,14 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
 
     objs: dict[str, Any] = state.checkpoint_objects()
     spec = LoopSpec("step2", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step2.pt",
-                    cfg.run.checkpoint_every, cfg.run.progress, ctx)
+                    cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint)
     summary = run_loop(spec, step, {"step2": _ModuleState(**objs)}, stop_after=stop_after)
     meta = head_meta(cfg, c, nq)
     meta["summary"] = summary
     if ctx.is_main:
         from .utils import atomic_torch_save
 
-        atomic_torch_save({"teacher": teacher.state_dict(), "meta": meta}, out)
+        atomic_torch_save({"teacher": teacher.state_dict(), "meta": meta, "fingerprint": fingerprint}, out)
     D.barrier()
     return teacher, meta
 
@@ -271,11 +288,13 @@ def _head_outputs(cfg: Config, teacher: Student, codebook: torch.Tensor, source:
 
 
 def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_dir: Path, device,
-                ctx: D.DistContext, stop_after: int | None = None, source: FeatureSource | None = None) -> torch.Tensor:
+                ctx: D.DistContext, stop_after: int | None = None, source: FeatureSource | None = None,
+                fingerprint: dict | None = None) -> torch.Tensor:
+    """Step 3 into ``artifacts/centroids.pt`` (reused when it exists, see :func:`train_step1`)."""
     s = cfg.step3
     out = run_dir / "artifacts" / "centroids.pt"
     if out.exists():
-        log.info("step 3: centroids exist (%s), skipping", out)
+        log.info("step 3: reusing %s (built under the same settings)", out)
         return torch.load(out, map_location="cpu", weights_only=True)["centroids"]
     source = source or _source(cfg, backbone, s.resolution, run_dir, device, ctx)
     h, w = source.feature_shape[1:]
@@ -301,13 +320,14 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
         return _optimise(learner.loss(gather_tokens(y.float(), grid).detach()), opt, learner.parameters())
 
     spec = LoopSpec("step3", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step3.pt",
-                    cfg.run.checkpoint_every, cfg.run.progress, ctx)
+                    cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint)
     summary = run_loop(spec, step, {"step3": _ModuleState(learner=learner, opt=opt)}, stop_after=stop_after)
     centroids = learner.weight.detach().cpu()
     if ctx.is_main:
         from .utils import atomic_torch_save
 
-        atomic_torch_save({"centroids": centroids, "summary": summary, "learner": s.learner}, out)
+        atomic_torch_save({"centroids": centroids, "summary": summary, "learner": s.learner,
+                           "fingerprint": fingerprint}, out)
     D.barrier()
     return centroids
 
@@ -315,49 +335,174 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
 # ---------------------------------------------------------------------------------------------
 # all steps
 # ---------------------------------------------------------------------------------------------
+ARTIFACTS = {"step1": "clusterbook.pt", "step2": "head.pt", "step3": "centroids.pt"}
+
+
+def _artifact_fingerprint(path: Path) -> dict | None:
+    """The fingerprint stored in an artifact (``None`` for one written by an older causeseg)."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged artifact is rebuilt, never trusted
+        log.warning("%s: unreadable (%s); it will be rebuilt", path, exc)
+        return {"unreadable": True}
+    if not isinstance(obj, dict):
+        return {"unreadable": True}
+    fp = obj.get("fingerprint")
+    if fp is None and isinstance(obj.get("meta"), dict):
+        fp = obj["meta"].get("fingerprint")
+    return fp
+
+
+def plan_steps(run_dir: Path, fingerprints: dict[str, dict], force: bool = False) -> dict[str, list[str]]:
+    """Decide, before any work, which artifacts and checkpoints of ``run_dir`` are kept.
+
+    Walks Steps 1-3 in order. A step's artifact is kept only when its stored fingerprint equals the
+    current one and nothing upstream is rebuilt; otherwise it and its checkpoint are listed for
+    removal with the reason, and every later step is rebuilt too. A step without artifact resumes
+    from its checkpoint only when the checkpoint's fingerprint matches; a mismatch raises
+    :class:`~causeseg.provenance.StaleCheckpointError` naming the differing keys (``force`` restarts).
+
+    Returns ``{path: reasons}`` of the files to remove (nothing is removed here).
+    """
+    from .provenance import STEPS, check_checkpoint, differences
+
+    remove: dict[str, list[str]] = {}
+    upstream: str | None = "--force" if force else None
+    for step in STEPS:
+        art = run_dir / "artifacts" / ARTIFACTS[step]
+        ck = run_dir / "checkpoints" / f"{step}.pt"
+        if upstream is not None:
+            for p in (art, ck):
+                if p.exists():
+                    remove[str(p)] = [upstream]
+            continue
+        if art.exists():
+            diff = differences(_artifact_fingerprint(art), fingerprints[step])
+            if diff:
+                for p in (art, ck):
+                    if p.exists():
+                        remove[str(p)] = diff
+                upstream = f"{step} is rebuilt"
+            continue
+        check_checkpoint(ck, fingerprints[step])  # raises before any work when it was written under other settings
+        upstream = f"{step} is (re)trained"
+    return remove
+
+
+def check_output_dir(path: Path, what: str = "run directory") -> None:
+    """A clear error, before any work, when ``path`` cannot be created or written."""
+    import os
+
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise ValueError(f"{path}: cannot create the {what}: {probe} is a file")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: the {what} is not writable ({probe} does not allow writing)")
+
+
+def preflight(cfg: Config, backbone, device, n_items: int) -> None:
+    """Checks that need the backbone's token grid, before any work: k against the tokens available
+    and the Step-2 bank against the memory of the device."""
+    from .config import ConfigError
+
+    with torch.no_grad():
+        f = backbone(torch.zeros(1, 3, cfg.step1.resolution, cfg.step1.resolution, device=device))
+    c, h, w = f.shape[1:]
+    s1 = cfg.step1
+    available = n_items * h * w
+    if s1.method == "modularity" and s1.k > available:
+        raise ConfigError(f"step1.k={s1.k} concepts but the training split has only {available} tokens "
+                          f"({n_items} items x {h}x{w}); lower step1.k")
+    if s1.method != "modularity" and s1.k > min(s1.max_samples, available):
+        raise ConfigError(f"step1.k={s1.k} exceeds the tokens the {s1.method} discretiser samples "
+                          f"(min(step1.max_samples={s1.max_samples}, {available} tokens)); lower step1.k")
+    s2 = cfg.step2
+    if s2.use_bank:
+        dim = s2.projection_dim if s2.feature_space == "projection" else s2.reduced_dim
+        bank_bytes = s1.k * s2.bank_size * dim * 4
+        total = _device_memory(device)
+        if total and bank_bytes > 0.8 * total:
+            raise ConfigError(f"the Step-2 concept bank needs {bank_bytes / 2**30:.1f} GiB (step1.k={s1.k} x "
+                              f"step2.bank_size={s2.bank_size} x {dim}-d) but {device} has {total / 2**30:.1f} GiB; "
+                              f"lower step1.k, step2.bank_size or use step2.feature_space=head")
+
+
+def _device_memory(device) -> int | None:
+    import os
+
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
 def train_all(cfg: Config, run_dir: str | Path, *, stop_after: dict[str, int] | None = None,
               force: bool = False) -> Path:
-    """Run Steps 1-3 into ``run_dir`` and write the self-contained ``model.pt``. Returns its path."""
+    """Run Steps 1-3 into ``run_dir`` and write the self-contained ``model.pt``. Returns its path.
+
+    Before any work: the run directory is checked for writing, the backbone and the training split are
+    built (bad weights or data fail here), and every existing artifact and checkpoint is compared with
+    the current settings (:func:`plan_steps`). Only then is ``config.yaml`` written and are stale
+    artifacts removed, so a command that fails never touches a finished run's files.
+    """
+    from .provenance import dataset_digest, digest, state_digest, step_fingerprints
+
     run_dir = Path(run_dir)
     ctx = D.init_distributed(cfg.run.device)
     device = resolve_device(cfg.run.device)
     if device.type == "cuda" and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)
+    check_output_dir(run_dir)
+    seed_everything(cfg.run.seed)
+    stop_after = stop_after or {}
+    backbone = build_backbone_from_config(cfg, device)
+    train_ds = build_split(cfg, cfg.data.train_split, cfg.step1.resolution, with_labels=False, crop=cfg.data.crop)
+    preflight(cfg, backbone, device, len(train_ds))
+    amp = amp_dtype(device, cfg.run.amp)
+    fps = step_fingerprints(cfg, backbone_digest=state_digest(backbone), data_digest=dataset_digest(train_ds),
+                            amp=str(amp).replace("torch.", "") if amp is not None else "off")
+    remove = plan_steps(run_dir, fps, force)
+    D.barrier()
     if ctx.is_main:
         (run_dir / "artifacts").mkdir(parents=True, exist_ok=True)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-        if force:
-            for name in ("clusterbook.pt", "head.pt", "centroids.pt"):
-                (run_dir / "artifacts" / name).unlink(missing_ok=True)
-            for name in ("step1.pt", "step2.pt", "step3.pt"):
-                (run_dir / "checkpoints" / name).unlink(missing_ok=True)
+        for path, reasons in remove.items():
+            log.info("rebuilding %s: %s", path, "; ".join(reasons[:8]))
+            Path(path).unlink(missing_ok=True)
     D.barrier()
     seed_everything(cfg.run.seed)
-    stop_after = stop_after or {}
-    backbone = build_backbone_from_config(cfg, device)
     sources: dict[int, FeatureSource] = {}
 
     def source(res: int) -> FeatureSource:
         if res not in sources:
-            sources[res] = _source(cfg, backbone, res, run_dir, device, ctx)
+            sources[res] = _source(cfg, backbone, res, run_dir, device, ctx, fps["step1"]["backbone"]["weights"])
         return sources[res]
 
-    book = train_step1(cfg, backbone, run_dir, device, ctx, stop_after.get("step1"), source(cfg.step1.resolution))
+    book = train_step1(cfg, backbone, run_dir, device, ctx, stop_after.get("step1"), source(cfg.step1.resolution),
+                       fps["step1"])
     teacher, meta = train_step2(cfg, backbone, book, run_dir, device, ctx, stop_after.get("step2"),
-                                source(cfg.step2.resolution))
+                                source(cfg.step2.resolution), fps["step2"])
     centroids = train_step3(cfg, backbone, book, teacher, run_dir, device, ctx, stop_after.get("step3"),
-                            source(cfg.step3.resolution))
+                            source(cfg.step3.resolution), fps["step3"])
     model_path = run_dir / "model.pt"
     if ctx.is_main:
         bb_meta = {"name": cfg.backbone.name, "weights": cfg.backbone.weights, "options": cfg.backbone.options,
-                   "pretrained": True}
+                   "pretrained": True, "digest": fps["step1"]["backbone"]["weights"]}
         model = CauseModel(backbone, teacher.head, book.prototypes, centroids,
                            {"backbone": bb_meta, "head": {k: v for k, v in meta.items() if k != "summary"},
                             "num_classes": cfg.data.num_classes, "train_resolution": cfg.step2.resolution,
-                            "eval_resolution": cfg.eval.resolution})
+                            "eval_resolution": cfg.eval.resolution, "fingerprint": digest(fps["step3"]),
+                            "labelled": cfg.data.dataset != "images"})
         model.save(model_path, cfg.to_dict())
-        summary = {"step2": meta.get("summary"), "clusterbook": book.meta.get("summary")}
+        summary = {"step2": meta.get("summary"), "clusterbook": book.meta.get("summary"),
+                   "fingerprint": digest(fps["step3"])}
         atomic_write_json(summary, run_dir / "train_summary.json")
     D.barrier()
     return model_path
