@@ -1050,7 +1050,7 @@ def parse_sections(spec: str) -> list[str]:
     if spec == "naive":
         return ["backbone"] + [s for s in ALL_SECTIONS if s.endswith("_naive")]
     out = [s.strip() for s in spec.split(",") if s.strip()]
-    bad = [s for s in out if s not in ALL_SECTIONS]
+    bad = [s for s in out if s not in ALL_SECTIONS and s != "data"]  # data: benchmarks/speed_data.py, on request
     if bad:
         raise SystemExit(f"speed.py: unknown section(s) {bad}; known: {', '.join(ALL_SECTIONS)}")
     return out
@@ -1128,6 +1128,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"[speed] {name} ...", file=sys.stderr, flush=True)
                 run_backbone(name, b, sections, result["backbones"])
                 save()
+        if "data" in sections:  # the input pipeline (CPU only; only when asked for: --sections data)
+            sys.path.insert(0, str(Path(__file__).resolve().parent))
+            from speed_data import run_data_section
+
+            result["data"] = run_data_section(quick=bool(args.quick))
         if "crf" in sections:
             print("[speed] crf ...", file=sys.stderr, flush=True)
             result["crf"] = run_crf(b) if b.time_left() > 0 else {"skipped": "--time-limit reached"}
