@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check for causeseg: one prepared script for a lent CUDA machine (budget: < 6 minutes on one H100).
+# GPU check for causeseg: one prepared script for a lent CUDA machine (budget: about 7 minutes on one H100).
 #
 #   OUT=/some/dir bash benchmarks/gpu_check.sh            # run it (from the repository root)
 #   OUT=/tmp/out bash benchmarks/gpu_check.sh --dry-run   # print the commands only
@@ -8,17 +8,21 @@
 # What it does, each part under its own timeout (a failing part is reported and the script goes on):
 #   1. environment: nvidia-smi, torch / CUDA versions; optional offline wheels from ./.whl/
 #   2. smoke test (benchmarks/speed.py --smoke): AMP bf16 forward/backward of causeseg's Step-2 update (TR and
-#      MLP, full bank), naive-vs-ours agreement of the Step-1 and Step-2 losses, the fused bank log-sum-exp
+#      MLP, full bank) and its host synchronisations per iteration (torch.cuda.set_sync_debug_mode; expected 0),
+#      naive-vs-ours agreement of the Step-1 and Step-2 losses, the fused bank log-sum-exp
 #      (causeseg.bank_lse: torch and Triton kernels, fp32 and bf16) against an fp64 brute force (value and
 #      gradient), torch.compile of the TR head
 #   3. speed benchmark at the official sizes: ViT-S/8 and ViT-B/8, 320 px, batch 16, k 2048, full 100 x 2048 bank,
 #      ours and naive (official-structure) Steps 1-3, evaluation, CRF (skipped when pydensecrf is missing).
 #      Step-2 rows: step2_tr = the config default (step2.bank_impl=auto: the Triton bank kernel on CUDA, bank
 #      stored in bf16 under bf16 AMP), step2_tr_ref = bank_impl=reference (the former fp32 masked log-sum-exp
-#      over materialised logits), step2_tr_torch = bank_impl=torch (the fused path without Triton)
+#      over materialised logits), step2_tr_torch = bank_impl=torch (the fused path without Triton); every other
+#      section of speed.py too (the default is all sections, so a section added there is timed here as well)
 #   4. the Step-1/Step-2 rows again with TF32 matmuls allowed (ViT-B/8)
-#   5. a short summary
-# Files written under $OUT: gpu_check.log, speed-smoke-cuda.json, speed-cuda.json, speed-cuda-tf32.json
+#   5. the input pipeline (speed.py --sections data: data loading on this machine's CPU cores)
+#   6. a short summary
+# Files written under $OUT: gpu_check.log, speed-smoke-cuda.json, speed-cuda.json, speed-cuda-tf32.json,
+# speed-data-cuda.json
 # (the integrator commits speed-cuda*.json to benchmarks/results/).
 
 set -uo pipefail
@@ -50,7 +54,8 @@ if [[ "$QUICK" == "1" ]]; then
   SMOKE_ARGS=(--smoke --device cpu --amp bf16 --quick)
   MAIN_ARGS=(--device cpu --quick --amp bf16 --iters 2 --warmup 1 --naive-iters 1 --naive-warmup 1 --time-limit 150)
   TF32_ARGS=(--device cpu --quick --tf32 --sections backbone,step1,step2_tr,step2_tr_bank90 --iters 2 --warmup 1)
-  T_SMOKE=240; T_MAIN=240; T_TF32=90
+  DATA_ARGS=(--device cpu --quick --sections data)
+  T_SMOKE=240; T_MAIN=240; T_TF32=90; T_DATA=180
 else
   DEV=(--device cuda)
   TAG=cuda
@@ -61,7 +66,8 @@ else
   TF32_ARGS=(--device cuda --backbones vitb8 --batch 16 --res 320 --k 2048 --bank-size 100 --amp bf16 --tf32
              --sections backbone,step1,step2_tr,step2_tr_bank90 --iters 10 --warmup 3 --section-budget 20
              --time-limit 40)
-  T_SMOKE=90; T_MAIN=210; T_TF32=60
+  DATA_ARGS=(--device cpu --quick --sections data)
+  T_SMOKE=90; T_MAIN=210; T_TF32=60; T_DATA=90
 fi
 
 run() {  # run NAME TIMEOUT CMD...
@@ -120,13 +126,16 @@ run speed "$T_MAIN" "$PY" benchmarks/speed.py "${MAIN_ARGS[@]}" --out "$OUT/spee
 # 4. the same Step-1/2 rows with TF32 matmuls -----------------------------------------------------------------
 run speed-tf32 "$T_TF32" "$PY" benchmarks/speed.py "${TF32_ARGS[@]}" --out "$OUT/speed-$TAG-tf32.json"
 
-# 5. summary --------------------------------------------------------------------------------------------------
+# 5. input pipeline (CPU side of the machine) ------------------------------------------------------------------
+run speed-data "$T_DATA" "$PY" benchmarks/speed.py "${DATA_ARGS[@]}" --out "$OUT/speed-data-$TAG.json"
+
+# 6. summary --------------------------------------------------------------------------------------------------
 if [[ "$DRY" == "0" ]]; then
   run summary 30 "$PY" - "$OUT" "$TAG" <<'EOF'
 import json, sys
 from pathlib import Path
 out, tag = Path(sys.argv[1]), sys.argv[2]
-for name in (f"speed-smoke-{tag}.json", f"speed-{tag}.json", f"speed-{tag}-tf32.json"):
+for name in (f"speed-smoke-{tag}.json", f"speed-{tag}.json", f"speed-{tag}-tf32.json", f"speed-data-{tag}.json"):
     p = out / name
     if not p.exists():
         print(f"{name}: MISSING")
@@ -135,8 +144,9 @@ for name in (f"speed-smoke-{tag}.json", f"speed-{tag}.json", f"speed-{tag}-tf32.
     print(f"--- {name} (complete={r['meta'].get('complete')}, {r['meta'].get('total_s')} s, amp={r['meta'].get('amp')}, tf32={r['meta'].get('tf32')})")
     if "smoke" in r:
         s = r["smoke"]
-        print("  agreement ok:", s.get("agreement", {}).get("ok"), "| step2 amp:",
-              {k: v.get("ok") for k, v in s.get("step2_amp", {}).items() if isinstance(v, dict)} or s.get("step2_amp"),
+        print("  agreement ok:", s.get("agreement", {}).get("ok"), "| step2 amp (ok, CUDA syncs per iteration):",
+              {k: (v.get("ok"), v.get("cuda_syncs_per_iteration")) for k, v in s.get("step2_amp", {}).items()
+               if isinstance(v, dict)} or s.get("step2_amp"),
               "| compile:", {k: s.get("compile", {}).get(k) for k in ("ok", "max_abs_diff", "eager_ms", "compiled_ms", "error")})
         bl = s.get("bank_lse", {})
         print("  bank_lse ok:", bl.get("ok"), {k: (v.get("ok"), v.get("lse_max_abs_err"), v.get("grad_max_rel_err"))
@@ -164,6 +174,12 @@ for name in (f"speed-smoke-{tag}.json", f"speed-{tag}.json", f"speed-{tag}-tf32.
             print(f"    COCO-27 TR schedule: ours {pj['ours']['total_hours']} h, naive {pj['naive']['total_hours']} h")
     if "crf" in r:
         print("  crf:", r["crf"])
+    if "syncs" in r:
+        print("  step2 host syncs per iteration:", {k: (v.get("total_per_iteration"), v.get("cuda_sync_debug_count"))
+                                                    for k, v in r["syncs"].items() if isinstance(v, dict)})
+    if "data" in r:
+        d = r["data"]
+        print("  data:", json.dumps({k: v for k, v in d.items() if k != "meta"})[:1500] if isinstance(d, dict) else d)
 EOF
 fi
 

@@ -18,7 +18,7 @@ the weights. For every training step it reports
   with ``bank_impl=torch`` (the fused path without Triton) for comparison;
 * peak memory of the step alone (CUDA: ``max_memory_allocated``; CPU: peak RSS sampled from /proc).
 
-"ours" runs causeseg's modules (``modularity_objective``, ``train.step2_update`` with ``ConceptBank``
+"ours" runs causeseg's modules (``modularity_objective``, ``step2.step2_update`` with ``ConceptBank``
 filled to capacity and ``concept_contrastive_loss``, ``CentroidLearner``, ``Predictor``); "naive" runs the
 clean-room references of ``benchmarks/_naive.py`` that follow the official code's structure (materialised
 (B, k, n, n) modularity, dict-of-tensors bank rebuilt by torch.cat over all k concepts, per-image loss loop).
@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
+#: CAUSESEG_SPEED_SRC: time another checkout's package with this script (e.g. a git worktree of an older commit)
+sys.path.insert(0, os.environ.get("CAUSESEG_SPEED_SRC") or str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import numpy as np  # noqa: E402
@@ -77,7 +78,7 @@ ALIASES = {
 }
 ALL_SECTIONS = (
     "backbone", "step1", "step1_naive", "step2_mlp", "step2_mlp_naive", "step2_tr", "step2_tr_ref", "step2_tr_torch",
-    "step2_tr_naive", "step2_tr_bank90", "step3", "step3_naive", "eval", "crf", "agreement",
+    "step2_tr_naive", "step2_tr_bank90", "step3", "step3_naive", "eval", "crf", "agreement", "syncs",
 )
 #: which (section, implementation) a step row belongs to
 STEP_ROWS = {
@@ -387,7 +388,8 @@ def setup_step2(b: Bench, feats: torch.Tensor, impl: str, head: str, feature_spa
     from causeseg.features import amp_dtype
     from causeseg.heads import make_teacher
     from causeseg.model import run_head
-    from causeseg.train import build_student, step2_update
+    from causeseg.step2 import Step2State, step2_update
+    from causeseg.train import build_student
 
     bsz, c, h, w = feats.shape
     dev = b.device
@@ -437,13 +439,14 @@ def setup_step2(b: Bench, feats: torch.Tensor, impl: str, head: str, feature_spa
         d_m = concept_distance(codebook)
         bank = ConceptBank(b.k, b.bank_size, dim, policy=s.bank_policy, dtype=bank_dtype).to(dev)
         info["bank_filled_fraction"] = round(fill_concept_bank(bank, b.k, b.bank_size, dim, dev, b.seed), 4)
-        bank_gen = torch.Generator(device=dev).manual_seed(b.seed + 12345)
+        state = Step2State(cfg, student, teacher, codebook, d_m, opt, dev, bank=bank,
+                           bank_gen=torch.Generator(device=dev).manual_seed(b.seed + 12345))
         counter = [0]
 
-        def step(f: torch.Tensor) -> None:
+        def step(f: torch.Tensor) -> None:  # = causeseg.train.train_step2's step; the loop reads the loss
             counter[0] += 1
             idx = torch.arange(bsz) + bsz * counter[0]
-            step2_update(cfg, student, teacher, bank, codebook, d_m, f, idx, 0, opt, bank_gen, dev, None)
+            float(step2_update(state, f, idx, 0, ema_step=counter[0])["loss"])
     else:
         nbank = naive.NaiveBank(b.k, b.bank_size)
         nbank.fill_random(dim, dev, torch.Generator(device=dev).manual_seed(b.seed + 99))
@@ -791,9 +794,9 @@ def run_bank_lse_check(device: torch.device, seed: int) -> dict[str, Any]:
     gscale = float(a64.grad.abs().max())
     out: dict[str, Any] = {"sizes": {"rows": n_rows, "k": k, "b": nb, "d": d, "empty_rows": int((~nonempty).sum())}}
     ok = True
-    for impl in ("torch", "triton"):
+    for impl, bound in (("torch", None), ("triton", None), ("triton", 1.01 / tau)):  # the loss passes 1.01 / tau
         for dt in (torch.float32, torch.bfloat16):
-            key = f"{impl}_{str(dt).replace('torch.', '')}"
+            key = f"{impl}_{str(dt).replace('torch.', '')}" + ("_host_shift" if bound else "")
             try:
                 resolve_impl(impl, device, dt)
             except Exception as exc:
@@ -802,7 +805,7 @@ def run_bank_lse_check(device: torch.device, seed: int) -> dict[str, Any]:
             try:
                 ai = a.to(device=device, dtype=dt).detach().clone().requires_grad_(True)  # a fresh leaf
                 lse, ne = bank_logsumexp(ai, bank.to(device=device, dtype=dt), umask.to(device), valid.to(device),
-                                         inv.to(device), tau, impl=impl)
+                                         inv.to(device), tau, impl=impl, max_logit=bound)
                 (lse * weight.to(device=device, dtype=lse.dtype)).sum().backward()
                 lse, ne, grad = lse.detach().cpu().double(), ne.cpu(), ai.grad.cpu().double()
                 lse_err = float((lse[nonempty] - ref[nonempty]).abs().max())
@@ -819,6 +822,106 @@ def run_bank_lse_check(device: torch.device, seed: int) -> dict[str, Any]:
     return out
 
 
+#: tensor methods / functions that wait for the device or need a data-dependent output shape on CUDA
+_SYNC_NAMES = {"item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "nonzero",
+               "unique", "unique_consecutive", "masked_select", "bincount", "argwhere"}
+
+
+def run_sync_count(device: torch.device, seed: int) -> dict[str, Any]:
+    """Host synchronisations of one Step-2 iteration (TR and MLP head, official bank policy, bank on), counted on
+    any device by intercepting the calls that synchronise on CUDA (``.item()``, ``bool()``/``int()``/``float()``,
+    ``nonzero``/``unique``/``bincount``, boolean-mask indexing; reads of the dataset indices and of the optimiser's
+    host-side step counters excluded), plus ``torch.cuda.set_sync_debug_mode`` on CUDA. It drives
+    ``causeseg.step2`` when present, else the former ``causeseg.train.step2_update`` (set CAUSESEG_SPEED_SRC to an
+    older checkout's src), and counts the loop's one read of the loss separately (``loop_reads``)."""
+    from torch.overrides import TorchFunctionMode
+
+    from causeseg.bank import ConceptBank
+    from causeseg.config import load_config
+    from causeseg.contrastive import concept_distance
+    from causeseg.heads import make_teacher
+    from causeseg.train import build_student
+
+    class Recorder(TorchFunctionMode):
+        def __init__(self, host: list[torch.Tensor]):
+            super().__init__()
+            self.host, self.calls = host, []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", str(func))
+            first = args[0] if args else None
+            if name in _SYNC_NAMES and not (torch.is_tensor(first) and any(first is h for h in self.host)):
+                self.calls.append(name)
+            elif name in ("__getitem__", "__setitem__") and len(args) > 1:
+                idx = args[1] if isinstance(args[1], (tuple, list)) else (args[1],)
+                if any(torch.is_tensor(i) and i.dtype == torch.bool for i in idx):
+                    self.calls.append(name + "[bool]")
+            return func(*args, **(kwargs or {}))
+
+    c, h, w, k = 32, 16, 16, 64
+    g = torch.Generator().manual_seed(seed)
+    feats = torch.randn(4, c, h, w, generator=g).to(device)
+    codebook = torch.randn(k, c, generator=g).to(device)
+    out: dict[str, Any] = {"sizes": f"B 4, c {c}, {h}x{w} tokens, k {k}, bank 8 x 64", "device": device.type}
+    for head in ("tr", "mlp"):
+        cfg = load_config(None, [f"step2.head={head}", "step2.reduced_dim=16", "step2.projection_dim=64",
+                                 "step2.ffn_dim=64", "step2.bank_size=8", "run.amp='off'", f"run.seed={seed}"])
+        torch.manual_seed(seed)
+        student = build_student(cfg, c, h * w if head == "tr" else None).to(device)
+        teacher = make_teacher(student)
+        bank = ConceptBank(k, 8, 64).to(device)
+        opt = torch.optim.Adam(student.parameters(), lr=1e-3)
+        gen = torch.Generator(device=device).manual_seed(seed + 1)
+        d_m = concept_distance(codebook)
+        try:
+            from causeseg.step2 import Step2State, step2_update
+
+            state = Step2State(cfg, student, teacher, codebook, d_m, opt, device, bank=bank, bank_gen=gen)
+            api = "causeseg.step2.step2_update"
+
+            def one(i: int, idx: torch.Tensor) -> Any:
+                return step2_update(state, feats, idx, 0, ema_step=i)
+        except ImportError:
+            from causeseg.train import step2_update as legacy
+
+            api = "causeseg.train.step2_update"
+
+            def one(i: int, idx: torch.Tensor) -> Any:
+                return legacy(cfg, student, teacher, bank, codebook, d_m, feats, idx, 0, opt, gen, device, None,
+                              ema_step=i)
+        for i in range(2):  # optimiser state, bank entries, one-time self-tests
+            one(i, torch.arange(4) + 4 * i)
+        idx = torch.arange(4) + 8
+        rec = Recorder([idx] + [st["step"] for st in opt.state.values() if torch.is_tensor(st.get("step"))])
+        with rec:
+            stats = one(2, idx)
+        loop_reads = 0 if not torch.is_tensor(stats["loss"]) else 1  # run_loop reads float(stats["loss"])
+        counts: dict[str, int] = {}
+        for name in rec.calls:
+            counts[name] = counts.get(name, 0) + 1
+        out[head] = {"api": api, "host_syncs_in_step": len(rec.calls), "by_call": counts, "loop_reads": loop_reads,
+                     "total_per_iteration": len(rec.calls) + loop_reads,
+                     "cuda_sync_debug_count": count_cuda_syncs(lambda: one(3, torch.arange(4) + 12), device)}
+    return out
+
+
+def count_cuda_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Host synchronisations ``fn`` makes on CUDA (``torch.cuda.set_sync_debug_mode``); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    _sync(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
 def run_smoke(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
     """Correctness smoke test: AMP Step-2 update (forward + backward), agreement, torch.compile of the head."""
     out: dict[str, Any] = {"device": str(device)}
@@ -828,13 +931,14 @@ def run_smoke(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
         out["agreement"] = run_agreement(device, args.seed)
     except Exception as exc:
         out["agreement"] = {"error": _short_error(exc), "trace": traceback.format_exc(limit=4)[-1500:]}
-    # AMP Step-2 update at a small size with causeseg.train.step2_update
+    # AMP Step-2 update at a small size with causeseg.step2.step2_update; on CUDA also its host synchronisations
     try:
         from causeseg.bank import ConceptBank, storage_dtype
-        from causeseg.contrastive import concept_distance
+        from causeseg.contrastive import concept_distance, stats_as_numbers
         from causeseg.features import amp_dtype
         from causeseg.heads import make_teacher
-        from causeseg.train import build_student, step2_update
+        from causeseg.step2 import Step2State, step2_update
+        from causeseg.train import build_student
 
         ns = argparse.Namespace(**vars(args))
         ns.amp = amp
@@ -855,16 +959,20 @@ def run_smoke(device: torch.device, args: argparse.Namespace) -> dict[str, Any]:
             opt = torch.optim.Adam(student.parameters(), lr=1e-3)
             before_s = [p.detach().clone() for p in student.parameters()]
             before_t = [p.detach().clone() for p in teacher.parameters()]
-            gen = torch.Generator(device=device).manual_seed(5)
-            stats = [step2_update(cfg, student, teacher, bank, codebook, concept_distance(codebook), feats,
-                                  torch.arange(bsz) + bsz * i, 0, opt, gen, device, None) for i in range(2)]
+            state = Step2State(cfg, student, teacher, codebook, concept_distance(codebook), opt, device, bank=bank,
+                               bank_gen=torch.Generator(device=device).manual_seed(5))
+            stats = [stats_as_numbers(step2_update(state, feats, torch.arange(bsz) + bsz * i, 0, ema_step=i))
+                     for i in range(2)]
+            syncs = count_cuda_syncs(lambda: step2_update(state, feats, torch.arange(bsz) + 8 * bsz, 0, ema_step=2),
+                                     device)
             moved_s = max(float((p - q).abs().max()) for p, q in zip(student.parameters(), before_s))
             moved_t = max(float((p - q).abs().max()) for p, q in zip(teacher.parameters(), before_t))
             finite = all(math.isfinite(s_["loss"]) for s_ in stats)
             grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in student.parameters())
             rep[head] = {"losses": [round(s_["loss"], 5) for s_ in stats], "loss_finite": finite,
                          "grads_finite": grads_finite, "student_changed": moved_s > 0, "teacher_changed": moved_t > 0,
-                         "bank_filled_fraction": fill, "ok": finite and grads_finite and moved_s > 0 and moved_t > 0}
+                         "bank_filled_fraction": fill, "cuda_syncs_per_iteration": syncs,
+                         "ok": finite and grads_finite and moved_s > 0 and moved_t > 0 and syncs in (None, 0)}
         out["step2_amp"] = rep
     except Exception as exc:
         out["step2_amp"] = {"error": _short_error(exc), "trace": traceback.format_exc(limit=4)[-1500:]}
@@ -1121,6 +1229,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 result["agreement"] = run_agreement(device, args.seed)
             except Exception as exc:
                 result["agreement"] = {"error": _short_error(exc)}
+        if "syncs" in sections:
+            try:
+                result["syncs"] = run_sync_count(device, args.seed)
+            except Exception as exc:
+                result["syncs"] = {"error": _short_error(exc), "trace": traceback.format_exc(limit=4)[-1500:]}
+            print("[speed] syncs:", json.dumps(result["syncs"]), file=sys.stderr, flush=True)
         result["backbones"] = {}
         names = [ALIASES.get(n.strip(), n.strip()) for n in args.backbones.split(",") if n.strip()]
         if any(s in sections for s in ("backbone", "eval", *STEP_ROWS)):
