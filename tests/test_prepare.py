@@ -78,4 +78,5 @@ def test_cli_subcommand(tmp_path, capsys):
     assert args.func is run and run(args) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["crops"] == 60 and "data.crop=none" in report["train_with"]
+    assert "data.label_spec=camvid11" in report["train_with"] and "data.dataset=paired" in report["train_with"]
     assert len(list((tmp_path / "out" / "train" / "images").iterdir())) == 60

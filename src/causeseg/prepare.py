@@ -108,15 +108,18 @@ def prepare_split(dataset: str, root: str | os.PathLike, split: str, crop: str, 
         for job, names in zip(jobs, stems):
             for stem in names:
                 w.writerow([stem, job[0]])
+    from .data.labelmaps import list_label_maps
+
     label_name = getattr(ds.label_map, "name", None) if ds.label_map is not None else None
-    if label_name is None and isinstance(label_spec, str):
-        label_name = label_spec
+    if label_name not in list_label_maps():  # a custom spec: the user passes it again
+        label_name = label_spec if isinstance(label_spec, str) else None
     report = {"dataset": dataset, "root": str(root), "split": split, "crop": crop, "format": fmt,
               "quality": int(quality) if fmt == "jpeg" else None, "images": len(jobs),
               "crops": sum(len(s) for s in stems), "masks": bool(masks), "mode": ds.mode, "out": str(out),
               "skipped": [list(s) for s in ds.skipped], "label_spec": label_name,
               "train_with": ["data.dataset=paired", f"data.root={Path(out_dir)}", f"data.train_split={split}",
-                             "data.crop=none", f"data.mode={ds.mode}"]}
+                             "data.crop=none", f"data.mode={ds.mode}"]
+              + ([f"data.label_spec={label_name}"] if label_name else [])}  # the label map: for evaluation only
     (out / "prepared.json").write_text(json.dumps(report, indent=1))
     return report
 
