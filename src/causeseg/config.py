@@ -38,7 +38,8 @@ class DataConfig:
     num_classes: int = 11
     label_spec: str | dict[str, Any] | None = None  # label map: a preset name (camvid11, ...) or a spec dict
     on_error: str = "raise"  # raise | skip (bad files are skipped and reported)
-    num_workers: int = 0
+    num_workers: int | None = None  # loader workers; None = auto (cores / processes per node - 1, at most 16; logged)
+    shuffle_window: int = 256  # items per shuffle/loader window of a multi-crop order (decode once); 0 = full shuffle
 
 
 @dataclass
@@ -390,6 +391,7 @@ def _validate_ranges(cfg: Config) -> None:
         checks.append(("step2.loss_chunk", s2.loss_chunk, *at_least(1)))
     if e.crf_timeout is not None:
         checks.append(("eval.crf_timeout", e.crf_timeout, *positive()))
+    checks.append(("data.shuffle_window", d.shuffle_window, *at_least(0)))
     if isinstance(d.num_workers, int):
         checks.append(("data.num_workers", d.num_workers, *at_least(0)))
     for name, value, ok, want in checks:

@@ -82,7 +82,8 @@ def step_fingerprints(cfg, *, backbone_digest: str, data_digest: str, amp: str) 
     inputs = {
         "backbone": {"name": cfg.backbone.name, "options": cfg.backbone.options, "weights": backbone_digest},
         "data": {"dataset": cfg.data.dataset, "train_split": cfg.data.train_split, "crop": cfg.data.crop,
-                 "mode": cfg.data.mode, "on_error": cfg.data.on_error, "files": data_digest},
+                 "mode": cfg.data.mode, "on_error": cfg.data.on_error, "files": data_digest,
+                 "shuffle_window": cfg.data.shuffle_window},
         "run": {"seed": cfg.run.seed, "amp": amp, "feature_cache": cfg.run.feature_cache,
                 "lr_scaling": cfg.run.lr_scaling},
     }

@@ -85,7 +85,8 @@ def _source(cfg: Config, backbone, resolution: int, run_dir: Path, device, ctx: 
     return FeatureSource(backbone, ds, device=device, amp=cfg.run.amp,
                          cache_dir=run_dir / "cache",
                          cache=cfg.run.feature_cache, cache_limit_gb=cfg.run.cache_limit_gb,
-                         num_workers=cfg.data.num_workers, progress=cfg.run.progress and ctx.is_main, signature=sig)
+                         num_workers=cfg.data.num_workers, progress=cfg.run.progress and ctx.is_main, signature=sig,
+                         window=cfg.data.shuffle_window)
 
 
 def _lr(base: float, cfg: Config, ctx: D.DistContext) -> float:
