@@ -185,8 +185,9 @@ class SelfTrainedModel(nn.Module):
     def save(self, path: str | Path, cfg: SelfTrainConfig | None = None) -> None:
         from .utils import atomic_torch_save
 
+        conv = self.seg_head.conv
         atomic_torch_save({"format": FORMAT, "head": self.seg_head.state_dict(), "use_embed": self.use_embed,
-                           "in_dim": int(self.seg_head.conv.in_channels), "hidden": int(self.seg_head.conv.out_channels),
+                           "in_dim": int(conv.in_channels), "hidden": int(conv.out_channels),
                            "num_classes": self.num_classes, "config": asdict(cfg) if cfg else None,
                            "meta": self.meta}, path)
 
