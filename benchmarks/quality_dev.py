@@ -81,6 +81,8 @@ SETTINGS: dict[str, tuple[str, list[str], str, str | None]] = {
     "mlp_sinkhorn": ("cause_mlp", SINK, "CAUSE-MLP head, sinkhorn Step 3", "mlp"),
     "mlp_sinkhorn_b0.5_kmeanspp": ("cause_mlp", [*SINK, "step3.sinkhorn_balance=0.5", "step3.init=kmeans++"],
                                    "CAUSE-MLP, relaxed sinkhorn (balance 0.5) + k-means++", "mlp"),
+    "mlp_step3_kmeans_kmeanspp": ("cause_mlp", ["step3.learner=kmeans", "step3.init=kmeans++"],
+                                  "CAUSE-MLP, online cluster probe seeded by k-means++", "mlp"),
     "mlp_sinkhorn_kmeanspp": ("cause_mlp", [*SINK, "step3.init=kmeans++"], "CAUSE-MLP, sinkhorn + k-means++",
                               "mlp"),
 }

@@ -67,7 +67,9 @@ def sinkhorn_assignment_loss(x: torch.Tensor, centroids: torch.Tensor, tau: floa
 
     ``-mean_i sum_c Q_ic log softmax_c(cos_ic / tau)`` with ``Q = sinkhorn_codes(cos, eps, iters, balance)``
     over all the tokens passed (one batch); ``Q`` is a fixed target, the gradient reaches ``centroids``
-    (and ``x`` if it requires one) through the softmax only.
+    (and ``x`` if it requires one) through the softmax only. Under ``torchrun`` each process balances its own
+    share of the batch (SwAV all-reduces the Sinkhorn sums; this does not), so a data-parallel run is not
+    step-for-step the single-process run, unlike the other learners.
     """
     cos = F.normalize(x.reshape(-1, x.shape[-1]), dim=-1) @ F.normalize(centroids, dim=-1).t()
     q = sinkhorn_codes(cos, eps, iters, balance)
