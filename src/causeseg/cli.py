@@ -461,6 +461,17 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return known
 
 
+def _user_message(exc: BaseException) -> str:
+    """The one line to show: the error's first line, or, for an error re-raised from a data-loader worker
+    ("Caught DataError in DataLoader worker process 0." + the worker's traceback), the worker's own message."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0] and len(lines) > 1:
+        last = lines[-1].strip()
+        name = type(exc).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return lines[0]
+
+
 def _log_to_files(msg: str) -> None:
     """Write ``msg`` to the log files only (the terminal gets its own one-line message)."""
     record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, (), None)
@@ -483,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         print(msg, file=sys.stderr)
         return 130
     except known as exc:
-        msg = (str(exc).splitlines() or [type(exc).__name__])[0]
+        msg = _user_message(exc)
         _log_to_files(f"stopped: {msg}")  # the run's log.txt keeps the error that stopped it
         print(f"causeseg {args.command}: error: {msg}", file=sys.stderr)
         return 2
