@@ -73,13 +73,13 @@ def test_evaluate_uses_the_stored_config(trained, camvid_tiny, tmp_path, capsys)
 def test_linear_probe_is_a_separate_evaluation(trained, camvid_tiny, tmp_path, capsys):
     import torch
 
-    before = torch.load(trained / "model.pt", weights_only=False)["head"]
+    before = torch.load(trained / "model.pt", weights_only=True)["head"]
     out = tmp_path / "probe"
     assert main(["evaluate", "-m", str(trained / "model.pt"), "--data-root", str(camvid_tiny), "--no-crf",
                  "--linear-probe", "--out", str(out), "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["linear_probe"]["pacc"] <= 1.0 and "supervised" in metrics["linear_probe"]["note"]
-    after = torch.load(trained / "model.pt", weights_only=False)["head"]
+    after = torch.load(trained / "model.pt", weights_only=True)["head"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # the unsupervised model is untouched
 
 

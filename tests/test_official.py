@@ -399,7 +399,7 @@ def test_cli_import_official_real_vit_s_dims(tmp_path, capsys):
     rc = main(["import-official", "--segment", str(seg), "--cluster", str(clu), "--modular", str(mod),
                "--backbone", "dino_vit_small_8", "--backbone-weights", str(weights), "--out", str(out)])
     assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == str(out)
-    obj = torch.load(out, map_location="cpu", weights_only=False)
+    obj = torch.load(out, map_location="cpu", weights_only=True)
     meta = obj["meta"]
     assert meta["backbone"]["name"] == "dino_vits8" and meta["backbone"]["options"] == {"num_heads": 12}
     assert meta["backbone"]["weights"] == str(weights.resolve())

@@ -63,9 +63,9 @@ def tiny_config(root: Path, dataset: str = "paired", head: str = "tr", **extra):
 
 
 def artifacts(run: Path) -> dict[str, torch.Tensor]:
-    book = torch.load(run / "artifacts" / "clusterbook.pt", weights_only=False)["prototypes"]
-    head = torch.load(run / "artifacts" / "head.pt", weights_only=False)["teacher"]
-    cent = torch.load(run / "artifacts" / "centroids.pt", weights_only=False)["centroids"]
+    book = torch.load(run / "artifacts" / "clusterbook.pt", weights_only=True)["prototypes"]
+    head = torch.load(run / "artifacts" / "head.pt", weights_only=True)["teacher"]
+    cent = torch.load(run / "artifacts" / "centroids.pt", weights_only=True)["centroids"]
     out = {"clusterbook": book, "centroids": cent}
     out.update({f"head.{k}": v for k, v in head.items()})
     return out
@@ -122,7 +122,7 @@ def test_resume_from_incomplete_checkpoint_names_file_and_missing_state(camvid_s
     with pytest.raises(TrainingInterrupted):
         train_all(cfg, run, stop_after={"step2": 1})
     path = run / "checkpoints" / "step2.pt"
-    ck = torch.load(path, weights_only=False)
+    ck = torch.load(path, weights_only=True)
     del ck["state"]["step2"]["bank_gen"]  # a checkpoint that lacks part of the step's state
     torch.save(ck, path)
     with pytest.raises(RuntimeError, match=r"step2\.pt: cannot resume 'step2'.*bank_gen.*delete the checkpoint"):
