@@ -74,14 +74,13 @@ def build_split(cfg: Config, split: str, resolution: int, *, with_labels: bool, 
 
 def _source(cfg: Config, backbone, resolution: int, run_dir: Path, device, ctx: D.DistContext,
             weights_digest: str | None = None) -> FeatureSource:
-    from .provenance import dataset_digest, state_digest
+    from .provenance import state_digest
 
     ds = build_split(cfg, cfg.data.train_split, resolution, with_labels=False, crop=cfg.data.crop)
-    amp = amp_dtype(device, cfg.run.amp)
-    # the cache's identity: backbone (name, options, weights digest), AMP dtype, images and their geometry
+    # the backbone and geometry; FeatureSource.fingerprint adds the file list and the AMP dtype itself
     sig = json.dumps([cfg.backbone.name, weights_digest or state_digest(backbone), cfg.backbone.options,
-                      str(amp), cfg.data.dataset, dataset_digest(ds), cfg.data.train_split, cfg.data.crop,
-                      cfg.data.mode, resolution], sort_keys=True)
+                      cfg.data.dataset, cfg.data.train_split, cfg.data.crop, cfg.data.mode, resolution],
+                     sort_keys=True)
     return FeatureSource(backbone, ds, device=device, amp=cfg.run.amp,
                          cache_dir=run_dir / "cache",
                          cache=cfg.run.feature_cache, cache_limit_gb=cfg.run.cache_limit_gb,
