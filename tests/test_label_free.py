@@ -4,7 +4,8 @@ A subprocess installs a Python audit hook (``sys.addaudithook``) that raises on 
 masks folder and on every listing of one, and replaces ``causeseg.data.io.load_mask`` with a function that raises;
 then it trains (``causeseg.train.train_all``) over the variants that matter: MLP and TR heads, every Step-1
 discretiser, every Step-3 learner, every crop kind, feature cache on and off, bf16 autocast on the CPU, loader
-worker processes (forked, so the hook is theirs too). The dataset has three images and masks for two of them:
+worker processes (forked, so the hook is theirs too), and pseudo-label self-training after Step 3
+(``selftrain.enabled``, CRF-refined pseudo labels). The dataset has three images and masks for two of them:
 every variant must train on all three images. The audit hook records any attempt even if some code swallowed the
 exception, and the test fails on a non-empty record.
 """
@@ -65,7 +66,12 @@ for v in json.loads(os.environ["TRAP_VARIANTS"]):
     seen.clear()
     cfg = load_config(None, v["overrides"])
     model = train.train_all(cfg, v["run"])
-    out.append({"name": v["name"], "model": os.path.exists(model), "sources": list(seen)})
+    st = os.path.join(v["run"], "artifacts", "selftrain.pt")
+    samples = None
+    if os.path.exists(st):
+        import torch
+        samples = torch.load(st, weights_only=True)["meta"]["selftrain"]["samples"]
+    out.append({"name": v["name"], "model": os.path.exists(model), "sources": list(seen), "selftrain": samples})
 print("RESULT " + json.dumps({"runs": out, "touched": touched}))
 """
 
@@ -87,7 +93,11 @@ VARIANTS = [
     ("mlp-agglomerative-double", "mlp", "agglomerative", "modularity", "double", "on", "bf16", 0, "data"),
     ("tr-ward-super", "tr", "ward", "kmeans", "super", "on", "off", 0, "data"),
     ("mlp-modularity-five-nomasks", "mlp", "modularity", "modularity", "five", "on", "bf16", 1, "nomasks"),
+    ("mlp-kmeans-none-selftrain", "mlp", "kmeans++", "kmeans", "none", "off", "off", 0, "data"),
 ]
+#: extra settings of some variants: self-training labels the training images (CRF on) after Step 3
+EXTRA = {"mlp-kmeans-none-selftrain": ["selftrain.enabled=true", "selftrain.epochs=1", "selftrain.hidden=4",
+                                       "selftrain.batch_size=2", "eval.crf_workers=0"]}
 CROPS = {"none": 1, "five": 5, "ten": 10, "double": 20, "super": 50}
 
 
@@ -112,7 +122,7 @@ def test_training_never_touches_a_mask(tmp_path):
     for name, head, disc, learner, crop, cache, amp, workers, folder in VARIANTS:
         ov = BASE + [f"data.root={tmp_path / folder}", f"step2.head={head}", f"step1.method={disc}",
                      f"step3.learner={learner}", f"data.crop={crop}", f"run.feature_cache={cache}",
-                     f"run.amp={amp}", f"data.num_workers={workers}"]
+                     f"run.amp={amp}", f"data.num_workers={workers}", *EXTRA.get(name, [])]
         bs = 2 if crop == "none" else 8
         ov += [f"step1.batch_size={bs}", f"step2.batch_size={bs}", f"step3.batch_size={bs}"]
         variants.append({"name": name, "overrides": ov, "run": str(tmp_path / "runs" / name)})
@@ -132,6 +142,8 @@ def test_training_never_touches_a_mask(tmp_path):
         for src in run["sources"]:  # all three images train, though one has no mask (or none has)
             assert src["images"] == 3 and src["items"] == 3 * CROPS[crop], (name, src)
             assert src["cached"] == (cache == "on"), (name, src)
+        # the self-trained variant pseudo-labelled all three images and their mirrors; the others have no stage
+        assert run["selftrain"] == (6 if name in EXTRA else None), (name, run["selftrain"])
 
 
 def test_the_trap_fires_on_a_mask_read(tmp_path):

@@ -62,6 +62,12 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="largest image (pixels) to decode; default 89,478,485 (PIL's guard) or CAUSESEG_MAX_PIXELS; 0 = no limit")
 
 
+def _add_predictor_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--predictor", choices=("auto", "selftrain", "centroids"), default="auto",
+                   help="what predicts: the self-trained head of a model trained with selftrain.enabled=true "
+                        "(selftrain), the Step-3 centroids (centroids), or the former when the model has one (auto)")
+
+
 def _overrides_from_args(args) -> list[str]:
     ov = list(args.overrides)
     if args.backbone:
@@ -140,13 +146,13 @@ def _check_evaluable(cfg, model, model_path: Path, split: str) -> None:
 
 
 def _evaluate_model(cfg, model_path: Path, out_dir: Path, *, split: str | None, crf: bool | None,
-                    flip: bool | None, linear_probe: bool) -> dict:
+                    flip: bool | None, linear_probe: bool, predictor: str = "auto") -> dict:
     import torch
 
     from . import distributed as D
     from .crf import CRFParams  # noqa: F401  (fails early if the CRF is missing)
     from .evaluate import evaluate
-    from .model import CauseModel
+    from .model import load_model
     from .predict import Predictor
     from .train import build_split
     from .utils import atomic_write_json, resolve_device
@@ -156,7 +162,7 @@ def _evaluate_model(cfg, model_path: Path, out_dir: Path, *, split: str | None, 
     if device.type == "cuda" and ctx.enabled:
         device = torch.device("cuda", ctx.local_rank)
     split = split or cfg.data.val_split
-    model = CauseModel.load(model_path, backbone_weights=cfg.backbone.weights, device=device)
+    model = load_model(model_path, backbone_weights=cfg.backbone.weights, device=device, predictor=predictor)
     _check_evaluable(cfg, model, model_path, split)
     e = cfg.eval
     from .data.io import DataError
@@ -165,11 +171,12 @@ def _evaluate_model(cfg, model_path: Path, out_dir: Path, *, split: str | None, 
         ds = build_split(cfg, split, e.resolution, with_labels=True)
     except DataError as exc:
         raise DataError(f"split {split!r} of data.dataset={cfg.data.dataset} cannot be read: {exc}") from None
-    log.info("evaluate %s on %s split %r: %d images, %d classes", model_path, cfg.data.dataset, split, len(ds),
-             cfg.data.num_classes)
-    predictor = Predictor(model, device=device, amp=cfg.run.amp, flip=e.flip if flip is None else flip,
-                          alpha=e.alpha)
-    res = evaluate(predictor, ds, num_classes=cfg.data.num_classes, batch_size=e.batch_size,
+    log.info("evaluate %s (%s predictor) on %s split %r: %d images, %d classes", model_path,
+             model.predictor_name, cfg.data.dataset, split, len(ds), cfg.data.num_classes)
+    # the self-trained head's scores are logits: alpha 1 (eval.alpha scales the centroid cosines)
+    scorer = Predictor(model, device=device, amp=cfg.run.amp, flip=e.flip if flip is None else flip,
+                       alpha=1.0 if model.predictor_name == "selftrain" else e.alpha)
+    res = evaluate(scorer, ds, num_classes=cfg.data.num_classes, batch_size=e.batch_size,
                    crf=e.crf if crf is None else crf, crf_workers=e.crf_workers, crf_timeout=e.crf_timeout,
                    out_dir=out_dir, class_names=_class_names(cfg), figures=e.figures, progress=cfg.run.progress)
     res["split"] = split
@@ -180,12 +187,14 @@ def _evaluate_model(cfg, model_path: Path, out_dir: Path, *, split: str | None, 
 
         train_ds = build_split(cfg, cfg.data.train_split, e.resolution, with_labels=True)
 
+        base = getattr(model, "base", model)  # the probe reads the CAUSE head's features, whatever the predictor
+
         def batches(dataset):
             loader = torch.utils.data.DataLoader(dataset, batch_size=e.batch_size, collate_fn=collate)
             for b in loader:
-                yield model.embed(b["image"].to(device)).detach(), b["label"].to(device)
+                yield base.embed(b["image"].to(device)).detach(), b["label"].to(device)
 
-        probe = train_linear_probe(lambda: batches(train_ds), in_dim=int(model.centroids.shape[1]),
+        probe = train_linear_probe(lambda: batches(train_ds), in_dim=int(base.centroids.shape[1]),
                                    num_classes=cfg.data.num_classes, epochs=e.probe_epochs, seed=cfg.run.seed)
         res["linear_probe"] = evaluate_probe(probe, batches(ds), num_classes=cfg.data.num_classes)
         res["linear_probe"]["note"] = "supervised linear probe (paper Table 2); a separate evaluation"
@@ -198,7 +207,7 @@ def _evaluate_model(cfg, model_path: Path, out_dir: Path, *, split: str | None, 
 
 
 def _summary_line(res: dict) -> dict:
-    out = {"num_images": res.get("num_images")}
+    out = {"num_images": res.get("num_images"), "predictor": res.get("predictor")}
     for key in ("no_crf_single_view", "no_crf", "crf"):
         if key in res:
             out[key] = {"miou": res[key].get("miou"), "pacc": res[key].get("pacc")}
@@ -229,7 +238,8 @@ def cmd_evaluate(args) -> int:
     _setup_logging(out_dir, args.verbose)
     log.info("causeseg %s: %s", args.command, " ".join(sys.argv[1:]))
     res = _evaluate_model(cfg, model_path, out_dir, split=args.split, crf=False if args.no_crf else None,
-                          flip=False if args.no_flip else None, linear_probe=args.linear_probe)
+                          flip=False if args.no_flip else None, linear_probe=args.linear_probe,
+                          predictor=args.predictor)
     _print(_summary_line(res))
     return 0
 
@@ -248,14 +258,14 @@ def cmd_run(args) -> int:
         _print({"model": str(model_path), "note": "no labels: nothing to evaluate"})
         return 0
     res = _evaluate_model(cfg, model_path, run_dir, split=None, crf=None, flip=None,
-                          linear_probe=args.linear_probe)
+                          linear_probe=args.linear_probe, predictor=args.predictor)
     _print(_summary_line(res))
     return 0
 
 
 def cmd_predict(args) -> int:
     from .crf import CRFRunner
-    from .model import CauseModel
+    from .model import load_model
     from .predict import REPORT_NAME, Predictor, collect_inputs, merge_report, predict_folder, read_report
     from .train import check_output_dir
     from .utils import atomic_write_json, resolve_device
@@ -267,7 +277,7 @@ def cmd_predict(args) -> int:
         check_device(args.device)
     if args.resolution is not None and args.resolution <= 0:
         raise ValueError(f"--resolution={args.resolution} must be a positive number of pixels")
-    if args.alpha <= 0:
+    if args.alpha is not None and args.alpha <= 0:
         raise ValueError(f"--alpha={args.alpha} must be > 0")
     _apply_max_pixels(args)
     check_output_dir(out, "output folder")
@@ -276,13 +286,14 @@ def cmd_predict(args) -> int:
     _setup_logging(out, args.verbose)
     log.info("causeseg %s: %s", args.command, " ".join(sys.argv[1:]))
     device = resolve_device(args.device or "auto")
-    model = CauseModel.load(args.model, backbone_weights=args.backbone_weights, device=device)
-    res = args.resolution or model.meta.get("eval_resolution", 320)
+    model = load_model(args.model, backbone_weights=args.backbone_weights, device=device, predictor=args.predictor)
+    res = args.resolution or getattr(model, "base", model).meta.get("eval_resolution", 320)  # the model.pt's
     stride = int(getattr(model.backbone, "patch_size", 1) or 1)
     if res < stride:
         raise ValueError(f"--resolution={res} is smaller than one backbone patch ({stride} px)")
     runner = CRFRunner(workers=0) if not args.no_crf else None
-    predictor = Predictor(model, device=device, flip=not args.no_flip, alpha=args.alpha, crf_runner=runner)
+    alpha = args.alpha if args.alpha is not None else (1.0 if model.predictor_name == "selftrain" else 3.0)
+    predictor = Predictor(model, device=device, flip=not args.no_flip, alpha=alpha, crf_runner=runner)
     report = predict_folder(predictor, args.inputs, out, resolution=res, crf=not args.no_crf,
                             progress=not args.no_progress, on_error="skip" if args.skip_bad else "raise")
     atomic_write_json(merge_report(out, report), out / REPORT_NAME)
@@ -361,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", dest="out", help=argparse.SUPPRESS)
     r.add_argument("--force", action="store_true", help="retrain every step even if its artifact exists")
     r.add_argument("--linear-probe", action="store_true", help="also train and score a supervised linear probe")
+    _add_predictor_arg(r)
     r.set_defaults(func=cmd_run)
 
     e = sub.add_parser("evaluate", help="mIoU / pAcc with and without CRF (Hungarian over the whole split)",
@@ -373,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     e.add_argument("--no-flip", action="store_true", help="no horizontal-flip TTA")
     e.add_argument("--linear-probe", action="store_true", help="also train and score a supervised linear probe")
+    _add_predictor_arg(e)
     e.set_defaults(func=cmd_evaluate)
 
     pr = sub.add_parser("predict", help="segment your own images (any size/format)",
@@ -383,7 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_args(pr, "output folder (labels/, overlays/, predictions.json)")
     pr.add_argument("--backbone-weights", default=None, help="backbone checkpoint, if not the one stored")
     pr.add_argument("--resolution", type=int, default=None, help="shorter side fed to the model (default: eval res)")
-    pr.add_argument("--alpha", type=float, default=3.0, help="CRF unary softmax scale")
+    pr.add_argument("--alpha", type=float, default=None,
+                    help="CRF unary softmax scale (default 3 for the centroids, 1 for the self-trained head's logits)")
+    _add_predictor_arg(pr)
     pr.add_argument("--no-crf", action="store_true", help="skip the dense CRF")
     pr.add_argument("--no-flip", action="store_true", help="no horizontal-flip TTA")
     pr.add_argument("--skip-bad", action="store_true", help="skip unreadable images instead of stopping")

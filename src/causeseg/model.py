@@ -5,6 +5,10 @@ A ``model.pt`` file holds everything needed to segment images except the backbon
 options, the clusterbook, the head's kind, shape and weights, the centroids and the resolved
 configuration. Loading is strict: a file that does not fit raises an error that lists the
 missing and unexpected keys.
+
+A model trained with ``selftrain.enabled=true`` also holds its self-trained head (``"selftrain"``, the
+:meth:`causeseg.selftrain.SelfTrainedModel.state` dict); :func:`load_model` predicts with it by default and with
+the Step-3 centroids on request (``predictor="centroids"``).
 """
 
 from __future__ import annotations
@@ -52,6 +56,8 @@ def run_head(head: nn.Module, t: torch.Tensor, codebook: torch.Tensor, grid: tup
 class CauseModel(nn.Module):
     """Inference model. ``embed`` gives the head's r-d output map; ``cosine`` the class scores."""
 
+    predictor_name = "centroids"  # what metrics.json / predictions.json call its predictions
+
     def __init__(self, backbone: nn.Module, head: nn.Module, codebook: torch.Tensor, centroids: torch.Tensor,
                  meta: dict[str, Any] | None = None):
         super().__init__()
@@ -60,6 +66,7 @@ class CauseModel(nn.Module):
         self.register_buffer("codebook", codebook.detach().clone().float())
         self.register_buffer("centroids", centroids.detach().clone().float())
         self.meta = dict(meta or {})
+        self.selftrain: dict | None = None  # the self-trained head's state (tensors and plain data), if any
 
     @property
     def num_classes(self) -> int:
@@ -89,6 +96,7 @@ class CauseModel(nn.Module):
                 "head": self.head.state_dict(),
                 "codebook": self.codebook.cpu(),
                 "centroids": self.centroids.cpu(),
+                **({"selftrain": self.selftrain} if self.selftrain is not None else {}),
             },
             path,
         )
@@ -117,7 +125,30 @@ class CauseModel(nn.Module):
         _check_backbone_digest(path, backbone, meta["backbone"].get("digest"))
         model = cls(backbone, head, obj["codebook"], obj["centroids"], meta)
         model.config = obj.get("config")
+        model.selftrain = obj.get("selftrain")
         return model.to(device).eval()
+
+
+PREDICTORS = ("auto", "selftrain", "centroids")
+
+
+def load_model(path: str | Path, *, backbone_weights: str | None = None, device: str | torch.device = "cpu",
+               predictor: str = "auto") -> nn.Module:
+    """The model of a ``model.pt`` as it predicts: ``predictor="auto"`` gives the self-trained head
+    (a :class:`causeseg.selftrain.SelfTrainedModel`, scores = logits, use alpha 1) when the file holds one and
+    the Step-3 centroids (a :class:`CauseModel`) otherwise; ``"selftrain"`` requires the head, ``"centroids"``
+    ignores it. Either carries ``predictor_name`` ("selftrain" or "centroids")."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"predictor={predictor!r} is not one of {PREDICTORS}")
+    model = CauseModel.load(path, backbone_weights=backbone_weights, device=device)
+    if predictor == "centroids" or (predictor == "auto" and model.selftrain is None):
+        return model
+    if model.selftrain is None:
+        raise ValueError(f"{path}: holds no self-trained head (trained without selftrain.enabled=true); "
+                         f"use --predictor centroids or auto")
+    from .selftrain import SelfTrainedModel
+
+    return SelfTrainedModel.from_state(model.selftrain, model, f"{path} (self-trained head)").to(device).eval()
 
 
 _REQUIRED = ("meta", "head", "codebook", "centroids")

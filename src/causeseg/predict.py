@@ -250,9 +250,10 @@ def predict_folder(predictor: Predictor, inputs: list[str | Path], out_dir: str 
     each image's original size (EXIF orientation applied), named as the module docstring says.
 
     Returns this call's report: ``written`` (``file`` = absolute input path, ``name``, ``size`` [w, h],
-    ``labels`` and ``overlay`` relative to ``out_dir``) and ``skipped`` (``file``, ``reason``; only with
-    ``on_error='skip'``). Earlier reports of ``out_dir`` reserve their output names: a new file never
-    overwrites another file's prediction. Store the result with ``merge_report``.
+    ``labels`` and ``overlay`` relative to ``out_dir``, ``predictor``: "centroids" or "selftrain") and
+    ``skipped`` (``file``, ``reason``; only with ``on_error='skip'``). Earlier reports of ``out_dir`` reserve
+    their output names: a new file never overwrites another file's prediction. Store the result with
+    ``merge_report``.
     """
     from tqdm import tqdm
 
@@ -266,6 +267,7 @@ def predict_folder(predictor: Predictor, inputs: list[str | Path], out_dir: str 
              if str(e["labels"]).startswith("labels/")}
     max_side = max_side or 4 * resolution
     num_classes = predictor.model.num_classes
+    predictor_kind = getattr(predictor.model, "predictor_name", "centroids")
     written, skipped = [], []
     for path, name in tqdm(items, desc="predict", unit="img", disable=not progress):
         source = str(path.resolve())
@@ -283,5 +285,5 @@ def predict_folder(predictor: Predictor, inputs: list[str | Path], out_dir: str 
         ov = Image.fromarray(overlay(np.array(img, dtype=np.uint8), labels))
         atomic_write_bytes(out_dir / "overlays" / out_name, _png_bytes(ov))
         written.append({"file": source, "name": name, "size": list(img.size), "labels": f"labels/{out_name}",
-                        "overlay": f"overlays/{out_name}"})
+                        "overlay": f"overlays/{out_name}", "predictor": predictor_kind})
     return {"written": written, "skipped": skipped}

@@ -1,6 +1,6 @@
 """What produced each artifact of a run directory: fingerprints, comparison, invalidation.
 
-Every artifact (clusterbook, head, centroids) and every in-progress checkpoint records the
+Every artifact (clusterbook, head, centroids, self-trained head) and every in-progress checkpoint records the
 *fingerprint* of exactly the settings and inputs it depends on: the backbone (name, options and a
 digest of its weights), the training images (a digest of the file list), and the settings of its own
 step and of every step upstream of it. On a rerun an artifact whose fingerprint differs from the
@@ -22,8 +22,9 @@ from typing import Any, Iterable
 
 import torch
 
-#: The three training steps in order; each depends on the ones before it.
-STEPS = ("step1", "step2", "step3")
+#: The training steps in order; each depends on the ones before it. ``selftrain`` (pseudo-label self-training,
+#: beyond the paper) runs only with ``selftrain.enabled``: :func:`step_fingerprints` lists it only then.
+STEPS = ("step1", "step2", "step3", "selftrain")
 
 
 class StaleCheckpointError(ValueError):
@@ -90,7 +91,22 @@ def step_fingerprints(cfg, *, backbone_digest: str, data_digest: str, amp: str) 
     fp1 = {**inputs, "step1": _plain(cfg.step1)}
     fp2 = {**fp1, "step2": _plain(cfg.step2)}
     fp3 = {**fp2, "step3": _plain(cfg.step3), "num_classes": cfg.data.num_classes}
-    return {"step1": fp1, "step2": fp2, "step3": fp3}
+    out = {"step1": fp1, "step2": fp2, "step3": fp3}
+    if cfg.selftrain.enabled:
+        out["selftrain"] = selftrain_fingerprint(cfg, fp3)
+    return out
+
+
+def selftrain_fingerprint(cfg, step3: dict[str, Any]) -> dict[str, Any]:
+    """Self-training's fingerprint: Step 3's, the ``selftrain`` section and what shapes the pseudo labels (the
+    images' size ``eval.resolution``, ``eval.flip``, ``eval.alpha`` and the dense-CRF constants)."""
+    import dataclasses
+
+    from .crf import CRFParams
+
+    labels = {"resolution": cfg.eval.resolution, "flip": cfg.eval.flip, "alpha": cfg.eval.alpha,
+              "crf_params": dataclasses.asdict(CRFParams()) if cfg.selftrain.crf else None}
+    return {**step3, "selftrain": _plain(cfg.selftrain), "pseudo_labels": labels}
 
 
 def _plain(obj) -> dict[str, Any]:

@@ -19,10 +19,15 @@ are :func:`pseudo_labels` of the model (``Predictor.scores`` + ``CRFRunner.refin
 Works for any model with ``backbone``, ``embed`` and ``num_classes`` (a :class:`causeseg.model.CauseModel`,
 including the k-means baseline, whose head is the identity). With ``use_embed`` the head also sees the
 model's own (unit-normalised) head output next to the backbone features.
+
+In the pipeline: ``selftrain.enabled=true`` (off in every preset) makes :func:`causeseg.train.train_all` run the
+stage after Step 3 into ``artifacts/selftrain.pt`` and store the head in ``model.pt`` (:meth:`SelfTrainedModel.state`);
+:func:`causeseg.model.load_model` then predicts with it (``predictor="auto"`` or ``"selftrain"``).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from .model import run_head, tokens
 
 FORMAT = "causeseg-selftrain-v1"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,14 @@ class SelfTrainConfig:
                 raise ValueError(f"selftrain.{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"selftrain.lr must be > 0, got {self.lr}")
+
+
+def settings(cfg: Any) -> SelfTrainConfig:
+    """The stage's settings from a :class:`causeseg.config.Config`: its ``selftrain`` section, seeded by
+    ``run.seed`` (``selftrain.enabled`` and ``selftrain.crf`` are the caller's business)."""
+    s = cfg.selftrain
+    return SelfTrainConfig(epochs=s.epochs, lr=s.lr, hidden=s.hidden, batch_size=s.batch_size,
+                           label_stride=s.label_stride, use_embed=s.use_embed, seed=cfg.run.seed)
 
 
 # -- targets ------------------------------------------------------------------------------------------------
@@ -137,7 +151,7 @@ def fit_head(feats: torch.Tensor, targets: torch.Tensor, num_classes: int, cfg: 
             total += float(loss.detach()) * len(idx)
         history.append(total / len(feats))
         if log_every and (epoch + 1) % log_every == 0:
-            print(f"selftrain epoch {epoch + 1}/{cfg.epochs}: loss {history[-1]:.4f}", flush=True)
+            log.info("selftrain epoch %d/%d: loss %.4f", epoch + 1, cfg.epochs, history[-1])
     return head.eval(), history
 
 
@@ -162,6 +176,8 @@ class SelfTrainedModel(nn.Module):
     the class logits on the feature grid and ``cosine`` returns its input (the logits are the scores).
     """
 
+    predictor_name = "selftrain"  # what metrics.json / predictions.json call its predictions
+
     def __init__(self, base: nn.Module, head: SegHead, use_embed: bool = False, meta: dict | None = None):
         super().__init__()
         self.base = base.eval()
@@ -182,14 +198,32 @@ class SelfTrainedModel(nn.Module):
     def cosine(self, y: torch.Tensor) -> torch.Tensor:
         return y
 
+    def state(self, cfg: SelfTrainConfig | None = None) -> dict:
+        """The head as tensors and plain data (what :meth:`save` writes and ``model.pt`` embeds)."""
+        conv = self.seg_head.conv
+        return {"format": FORMAT, "head": {k: v.detach().cpu() for k, v in self.seg_head.state_dict().items()},
+                "use_embed": self.use_embed, "in_dim": int(conv.in_channels), "hidden": int(conv.out_channels),
+                "num_classes": self.num_classes, "config": asdict(cfg) if cfg else None, "meta": self.meta}
+
     def save(self, path: str | Path, cfg: SelfTrainConfig | None = None) -> None:
         from .utils import atomic_torch_save
 
-        conv = self.seg_head.conv
-        atomic_torch_save({"format": FORMAT, "head": self.seg_head.state_dict(), "use_embed": self.use_embed,
-                           "in_dim": int(conv.in_channels), "hidden": int(conv.out_channels),
-                           "num_classes": self.num_classes, "config": asdict(cfg) if cfg else None,
-                           "meta": self.meta}, path)
+        atomic_torch_save(self.state(cfg), path)
+
+    @classmethod
+    def from_state(cls, obj: Any, base: nn.Module, source: str = "<state>") -> "SelfTrainedModel":
+        """The self-trained model of a :meth:`state` dict on the cluster model ``base``; a dict that does not
+        fit is an error naming ``source`` (``ValueError``; ``CheckpointError`` for a head of other shapes)."""
+        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+            raise ValueError(f"{source}: not a causeseg self-trained head (expected format '{FORMAT}')")
+        missing = [k for k in ("head", "in_dim", "num_classes", "hidden", "use_embed") if k not in obj]
+        if missing:
+            raise ValueError(f"{source}: the self-trained head lacks {', '.join(missing)}")
+        from .backbones.checkpoint import load_state_dict_strict
+
+        head = SegHead(int(obj["in_dim"]), int(obj["num_classes"]), int(obj["hidden"]))
+        load_state_dict_strict(head, obj["head"], source)
+        return cls(base, head, bool(obj["use_embed"]), obj.get("meta"))
 
     @classmethod
     def load(cls, path: str | Path, base: nn.Module) -> "SelfTrainedModel":
@@ -201,18 +235,15 @@ class SelfTrainedModel(nn.Module):
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - not a torch file, truncated, or Python objects (refused)
             raise ValueError(f"{path}: cannot read the self-trained head ({type(exc).__name__})") from None
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            raise ValueError(f"{path}: not a causeseg self-trained head (expected format '{FORMAT}')")
-        head = SegHead(obj["in_dim"], obj["num_classes"], obj["hidden"])
-        head.load_state_dict(obj["head"])
-        return cls(base, head, obj["use_embed"], obj.get("meta"))
+        return cls.from_state(obj, base, str(path))
 
 
-def self_trained_predictor(model: SelfTrainedModel, *, flip: bool = True, crf_runner=None):
-    """A :class:`causeseg.predict.Predictor` over the self-trained head: scores = flip-averaged logits."""
+def self_trained_predictor(model: SelfTrainedModel, *, flip: bool = True, crf_runner=None,
+                           device: torch.device | str = "cpu", amp: str = "off"):
+    """A :class:`causeseg.predict.Predictor` over the self-trained head: scores = flip-averaged logits (alpha 1)."""
     from .predict import Predictor
 
-    return Predictor(model, flip=flip, alpha=1.0, crf_runner=crf_runner)
+    return Predictor(model, device=device, amp=amp, flip=flip, alpha=1.0, crf_runner=crf_runner)
 
 
 # -- the stage ------------------------------------------------------------------------------------------------
