@@ -54,6 +54,7 @@ class Step1Config:
     resolution: int = 320
     batch_size: int = 16
     epochs: int = 1
+    iterations: int | None = None  # optimiser steps of the step; None = step1.epochs whole epochs
     lr: float = 1e-3
     max_samples: int = 20000  # tokens sampled for the alternative discretisers
     lr_schedule: str = "constant"  # constant | official: StepLR(step 1 epoch, gamma 0.2), as the official code
@@ -72,12 +73,17 @@ class Step2Config:
     resolution: int = 320
     batch_size: int = 16
     epochs: int = 2
+    iterations: int | None = None  # optimiser steps of the step; None = step2.epochs whole epochs
     lr: float = 1e-3
     weight_decay: float = 1e-4
     grad_clip: float = 2.0  # global norm over the unsupervised head only; 0 = off
     tau: float = 0.07
     phi_pos: float = 0.3
     phi_neg: float = 0.1
+    # fixed: phi_pos / phi_neg as given | quantile: from the clusterbook's D_M (contrastive.calibrated_thresholds)
+    phi_rule: str = "fixed"
+    phi_pos_frac: float = 0.1  # phi_rule=quantile: fraction of the concept pairs that count as positive
+    phi_neg_frac: float = 0.5  # phi_rule=quantile: fraction of the concept pairs that count as negative
     loss_form: str = "official"  # official (SupCon-style) | paper (Eq. 4)
     feature_space: str = "projection"  # projection (official, 2048-d) | head (paper, r-d)
     bank_size: int = 100
@@ -99,6 +105,7 @@ class Step3Config:
     resolution: int = 320
     batch_size: int = 16
     epochs: int = 5
+    iterations: int | None = None  # optimiser steps of the step; None = step3.epochs whole epochs
     lr: float = 1e-3
     tau: float = 0.1
     gamma: float = 1.0  # modularity resolution (Reichardt-Bornholdt); 1 = official / Eq. 3
@@ -127,25 +134,6 @@ class EvalConfig:
 
 
 @dataclass
-class SelfTrainSection:
-    """Pseudo-label self-training after Step 3 (:mod:`causeseg.selftrain`): beyond the paper, off in every preset.
-
-    A light conv head is trained on the Steps 1-3 model's own cluster maps of the training images (no label);
-    the seed is ``run.seed`` and the pseudo labels are made at ``eval.resolution`` with ``eval.flip`` and
-    ``eval.alpha``, as the evaluation predicts.
-    """
-
-    enabled: bool = False
-    epochs: int = 8
-    lr: float = 1e-3
-    hidden: int = 128  # channels of the 3 x 3 conv
-    batch_size: int = 16  # pseudo-labelled maps per head update
-    label_stride: int = 4  # pseudo labels at 1/label_stride of the image size (majority vote)
-    use_embed: bool = False  # the head also sees the cluster model's head output
-    crf: bool = True  # pseudo labels refined by the dense CRF
-
-
-@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"
@@ -153,7 +141,8 @@ class RunConfig:
     checkpoint_every: int = 100  # optimiser steps between atomic checkpoints
     feature_cache: str = "auto"  # auto (cache when the estimate fits) | on | off
     cache_limit_gb: float = 8.0
-    lr_scaling: str = "none"  # none | linear (lr x world size, the official regime)
+    # none | linear (lr x world size) | published (lr x 4, the GPU count of the official runs: 4e-3 per copy)
+    lr_scaling: str = "none"
     progress: bool = True
 
 
@@ -165,7 +154,6 @@ class Config:
     step2: Step2Config = field(default_factory=Step2Config)
     step3: Step3Config = field(default_factory=Step3Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    selftrain: SelfTrainSection = field(default_factory=SelfTrainSection)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -353,9 +341,13 @@ def validate(cfg: Config) -> None:
     choice("step3.init", cfg.step3.init, ("uniform", "kmeans++"))
     choice("run.amp", cfg.run.amp, ("auto", "bf16", "fp16", "off"))
     choice("run.feature_cache", cfg.run.feature_cache, ("auto", "on", "off"))
-    choice("run.lr_scaling", cfg.run.lr_scaling, ("none", "linear"))
+    choice("run.lr_scaling", cfg.run.lr_scaling, ("none", "linear", "published"))
+    choice("step2.phi_rule", cfg.step2.phi_rule, ("fixed", "quantile"))
     if not 0 <= cfg.step2.phi_neg <= cfg.step2.phi_pos <= 1:
         raise ConfigError(f"need 0 <= phi_neg <= phi_pos <= 1, got {cfg.step2.phi_neg}, {cfg.step2.phi_pos}")
+    if cfg.step2.phi_pos_frac + cfg.step2.phi_neg_frac > 1 + 1e-9:
+        raise ConfigError(f"step2.phi_pos_frac + step2.phi_neg_frac must be <= 1 (a pair is not both positive and "
+                          f"negative), got {cfg.step2.phi_pos_frac} + {cfg.step2.phi_neg_frac}")
     if cfg.step3.gamma <= 0:
         raise ConfigError(f"step3.gamma (modularity resolution) must be > 0, got {cfg.step3.gamma}")
     if cfg.step3.init_tokens < cfg.data.num_classes:
@@ -406,13 +398,14 @@ def _validate_ranges(cfg: Config) -> None:
         ("eval.alpha", e.alpha, *positive()), ("eval.crf_workers", e.crf_workers, *at_least(0)),
         ("eval.probe_epochs", e.probe_epochs, *at_least(1)), ("eval.figures", e.figures, *at_least(0)),
         ("run.checkpoint_every", r.checkpoint_every, *at_least(0)), ("run.cache_limit_gb", r.cache_limit_gb, *at_least(0)),
-        ("selftrain.epochs", cfg.selftrain.epochs, *at_least(1)), ("selftrain.lr", cfg.selftrain.lr, *positive()),
-        ("selftrain.hidden", cfg.selftrain.hidden, *at_least(1)),
-        ("selftrain.batch_size", cfg.selftrain.batch_size, *at_least(1)),
-        ("selftrain.label_stride", cfg.selftrain.label_stride, *at_least(1)),
     ]
     if s2.loss_chunk is not None:
         checks.append(("step2.loss_chunk", s2.loss_chunk, *at_least(1)))
+    for name, sec in (("step1", s1), ("step2", s2), ("step3", s3)):
+        if sec.iterations is not None:
+            checks.append((f"{name}.iterations", sec.iterations, *at_least(1)))
+    frac = ((lambda v: v is not None and 0 < v < 1), "in (0, 1)")
+    checks += [("step2.phi_pos_frac", s2.phi_pos_frac, *frac), ("step2.phi_neg_frac", s2.phi_neg_frac, *frac)]
     if e.crf_timeout is not None:
         checks.append(("eval.crf_timeout", e.crf_timeout, *positive()))
     checks.append(("data.shuffle_window", d.shuffle_window, *at_least(0)))

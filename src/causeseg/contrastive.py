@@ -4,7 +4,9 @@ Every sampled token ``i`` (anchor) gets a concept ``q(i) = argmax_m cos(t_i, m)`
 clusterbook ``M`` on its *backbone* feature ``t_i`` (:func:`assign_concepts`). The concept distance
 of two tokens is ``D_ij = D_M[q(i), q(j)]`` with ``D_M = cos(M, M)`` (:func:`concept_distance`).
 A pair is positive if ``D > phi+`` (0.3), negative if ``D < phi-`` (0.1), ignored in between
-(:func:`concept_masks`); same concept gives ``D = 1``.
+(:func:`concept_masks`); same concept gives ``D = 1``. The thresholds may instead be calibrated on the
+clusterbook's own ``D_M`` (:func:`calibrated_thresholds`: quantiles of its off-diagonal entries, so that a chosen
+fraction of the concept pairs is positive / negative; :func:`pair_fractions` reports those fractions).
 
 Anchors are student projections ``a_i``, candidates teacher (EMA) projections ``z_j``, both
 L2-normalised; ``s_ij = a_i . z_j / tau`` (``tau = 0.07``). Two forms of the loss
@@ -68,6 +70,8 @@ __all__ = [
     "concept_distance",
     "assign_concepts",
     "concept_masks",
+    "calibrated_thresholds",
+    "pair_fractions",
     "official_pair_loss",
     "paper_pair_loss",
     "in_batch_term",
@@ -137,6 +141,54 @@ def concept_masks(anchor_c: torch.Tensor, cand_c: torch.Tensor, d_m: torch.Tenso
         raise ValueError(f"concept_masks: phi_neg ({phi_neg}) must not exceed phi_pos ({phi_pos})")
     d = d_m[anchor_c.unsqueeze(-1), cand_c.reshape(-1)]
     return d > phi_pos, d < phi_neg
+
+
+def _concept_pairs(d_m: torch.Tensor) -> torch.Tensor:
+    """The concept distances of the ``k (k - 1) / 2`` unordered concept pairs ``m < m'`` (the strict upper triangle
+    of ``D_M``; ``D_M`` is symmetric, so these are the off-diagonal entries, each pair once), as a flat tensor.
+
+    Extra memory: a ``(k, k)`` bool mask and the selected values (no ``(k, k)`` index tensors).
+    """
+    if d_m.dim() != 2 or d_m.shape[0] != d_m.shape[1] or d_m.shape[0] < 2:
+        raise ValueError(f"expected D_M (k, k) with k >= 2, got {tuple(d_m.shape)}")
+    k = d_m.shape[0]
+    upper = torch.ones(k, k, dtype=torch.bool, device=d_m.device).triu_(1)
+    return d_m.detach()[upper]
+
+
+def calibrated_thresholds(d_m: torch.Tensor, pos_frac: float, neg_frac: float) -> tuple[float, float]:
+    """``(phi+, phi-)`` calibrated on the clusterbook's own concept distances (``step2.phi_rule=quantile``).
+
+    ``phi+`` is the ``(1 - pos_frac)`` quantile and ``phi-`` the ``neg_frac`` quantile of the off-diagonal
+    entries of ``D_M = cos(M, M)`` (over the unordered concept pairs; linear interpolation between order
+    statistics, as ``numpy.quantile``), so about ``pos_frac`` of the concept pairs count as positive
+    (``D > phi+``) and ``neg_frac`` as negative (``D < phi-``); clamped so that ``phi- <= phi+``. The paper's
+    fixed 0.3 / 0.1 (Sec. 3.3, App. B.4) were set for DINO ViT features; other backbones give other ``D_M``
+    distributions. Computed by one sort of the pair values (any ``k``; ``torch.quantile`` refuses inputs
+    above 2**24 elements).
+    """
+    for name, frac in (("pos_frac", pos_frac), ("neg_frac", neg_frac)):
+        if not 0 < frac < 1:
+            raise ValueError(f"calibrated_thresholds: {name} must be in (0, 1), got {frac}")
+    if pos_frac + neg_frac > 1 + 1e-9:
+        raise ValueError(f"calibrated_thresholds: pos_frac + neg_frac must be <= 1, got {pos_frac} + {neg_frac}")
+    vals = _concept_pairs(d_m).sort().values.double()
+
+    def quantile(q: float) -> float:
+        pos = q * (len(vals) - 1)
+        lo = int(pos)  # floor (pos >= 0)
+        hi = min(lo + 1, len(vals) - 1)
+        return float(vals[lo] + (vals[hi] - vals[lo]) * (pos - lo))
+
+    phi_pos, phi_neg = quantile(1.0 - pos_frac), quantile(neg_frac)
+    return phi_pos, min(phi_neg, phi_pos)
+
+
+def pair_fractions(d_m: torch.Tensor, phi_pos: float, phi_neg: float) -> tuple[float, float]:
+    """Fractions of the unordered concept pairs that are positive (``D > phi_pos``) and negative
+    (``D < phi_neg``) at the given thresholds (the same rule as :func:`concept_masks`)."""
+    vals = _concept_pairs(d_m)
+    return float((vals > phi_pos).double().mean()), float((vals < phi_neg).double().mean())
 
 
 # ------------------------------------------------------------------------------------------- pair losses

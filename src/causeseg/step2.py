@@ -31,14 +31,14 @@ import torch.nn as nn
 from . import distributed as D
 from .bank import ConceptBank
 from .config import Config
-from .contrastive import assign_concepts, concept_contrastive_loss
+from .contrastive import assign_concepts, calibrated_thresholds, concept_contrastive_loss, pair_fractions
 from .features import autocast_context
 from .heads import ema_decay, ema_update
 from .model import run_head, tokens
 from .modularity import gather_tokens
 from .sampling import per_sample_grid
 
-__all__ = ["ConceptCache", "Step2State", "step2_update"]
+__all__ = ["ConceptCache", "Step2State", "phi_thresholds", "step2_update"]
 
 
 class ConceptCache:
@@ -73,7 +73,9 @@ class Step2State:
     ``student`` / ``teacher``: modules with ``.head`` and ``.projection`` (the EMA teacher has no
     gradients); ``codebook (k, c)`` the clusterbook ``M``; ``d_m (k, k)`` its concept distances;
     ``bank`` the concept bank (None without one); ``bank_gen`` the bank's random source (on its device);
-    ``scaler`` a GradScaler under fp16 AMP; ``concepts`` an optional :class:`ConceptCache`.
+    ``scaler`` a GradScaler under fp16 AMP; ``concepts`` an optional :class:`ConceptCache`; ``phi_pos`` /
+    ``phi_neg`` the positive / negative thresholds on ``D_M`` (:func:`phi_thresholds`; None: ``cfg.step2``'s
+    fixed ``phi_pos`` / ``phi_neg``).
     """
 
     cfg: Config
@@ -87,6 +89,14 @@ class Step2State:
     bank_gen: torch.Generator | None = None
     scaler: Any = None
     concepts: ConceptCache | None = None
+    phi_pos: float | None = None
+    phi_neg: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.phi_pos is None:
+            self.phi_pos = self.cfg.step2.phi_pos
+        if self.phi_neg is None:
+            self.phi_neg = self.cfg.step2.phi_neg
 
     def checkpoint_objects(self) -> dict[str, Any]:
         """The objects a resume needs (the concept cache is rebuilt lazily)."""
@@ -94,6 +104,23 @@ class Step2State:
         if self.bank is not None:
             objs["bank"] = self.bank
         return objs
+
+
+def phi_thresholds(cfg: Config, d_m: torch.Tensor) -> tuple[float, float, str]:
+    """``(phi+, phi-, description)`` of the Step-2 positive / negative rule (``step2.phi_rule``).
+
+    ``fixed``: ``step2.phi_pos`` / ``step2.phi_neg`` as configured. ``quantile``: calibrated on the clusterbook's
+    own concept distances ``D_M`` (:func:`causeseg.contrastive.calibrated_thresholds`) so that
+    ``step2.phi_pos_frac`` of the concept pairs are positive and ``step2.phi_neg_frac`` negative. The description
+    (for the log) names the rule and the fractions of concept pairs the thresholds make positive / negative.
+    """
+    s = cfg.step2
+    if s.phi_rule == "quantile":
+        phi_pos, phi_neg = calibrated_thresholds(d_m, s.phi_pos_frac, s.phi_neg_frac)
+        return phi_pos, phi_neg, (f"quantile rule: {100 * s.phi_pos_frac:g} % positive, "
+                                  f"{100 * s.phi_neg_frac:g} % negative pairs")
+    pos, neg = pair_fractions(d_m, s.phi_pos, s.phi_neg)
+    return s.phi_pos, s.phi_neg, f"fixed rule: {100 * pos:.1f} % positive, {100 * neg:.1f} % negative pairs"
 
 
 def _concepts(state: Step2State, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -164,7 +191,7 @@ def step2_update(state: Step2State, feats: torch.Tensor, idx: torch.Tensor, epoc
     use_bank = state.bank is not None and s.use_bank
     loss, stats = concept_contrastive_loss(
         a, z_all, qs, q_all, state.d_m, bank=state.bank.tensors() if use_bank else None,
-        tau=s.tau, phi_pos=s.phi_pos, phi_neg=s.phi_neg, form=s.loss_form, chunk_size=s.loss_chunk,
+        tau=s.tau, phi_pos=state.phi_pos, phi_neg=state.phi_neg, form=s.loss_form, chunk_size=s.loss_chunk,
         bank_impl=s.bank_impl, anchor_offset=ctx.rank * b if ctx.enabled else 0, validate=False,
     )
     # distributed: weight so the averaged gradient is that of the global mean over all ranks' terms

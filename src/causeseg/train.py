@@ -31,7 +31,7 @@ from .loop import LoopSpec, run_loop
 from .model import CauseModel, build_head, run_head, tokens
 from .modularity import gather_tokens, modularity_objective
 from .sampling import per_sample_grid
-from .step2 import ConceptCache, Step2State
+from .step2 import ConceptCache, Step2State, phi_thresholds
 from .step2 import step2_update as run_step2_update
 from .utils import atomic_write_json, resolve_device, seed_everything
 
@@ -88,8 +88,15 @@ def _source(cfg: Config, backbone, resolution: int, run_dir: Path, device, ctx: 
                          window=cfg.data.shuffle_window)
 
 
+#: GPUs of the published CAUSE runs (the official ``run`` script, G = 4): each GPU trained its own copy with lr x 4
+PUBLISHED_GPUS = 4
+
+
 def _lr(base: float, cfg: Config, ctx: D.DistContext) -> float:
-    return base * ctx.world_size if cfg.run.lr_scaling == "linear" else base
+    """The learning rate under ``run.lr_scaling``: ``none``, ``linear`` (x world size) or ``published`` (x 4)."""
+    if cfg.run.lr_scaling == "linear":
+        return base * ctx.world_size
+    return base * PUBLISHED_GPUS if cfg.run.lr_scaling == "published" else base
 
 
 def _optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, params) -> dict[str, float]:
@@ -164,7 +171,7 @@ def train_step1(cfg: Config, backbone, run_dir: Path, device, ctx: D.DistContext
             return _optimise(loss, opt, codebook.parameters())
 
         spec = LoopSpec("step1", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step1.pt",
-                        cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint)
+                        cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint, iterations=s.iterations)
         summary = run_loop(spec, step, {"step1": _ModuleState(codebook=codebook, opt=opt)}, stop_after=stop_after)
         meta["summary"] = summary
         book = Clusterbook(codebook.weight.detach().cpu(), meta)
@@ -236,6 +243,8 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
     torch.manual_seed(cfg.run.seed + 7919 * (ctx.rank + 1))  # ...dropout masks differ per rank
     codebook = book.prototypes.to(device)
     d_m = concept_distance(codebook)
+    phi_pos, phi_neg, rule = phi_thresholds(cfg, d_m)
+    log.info("step 2: phi+ %.2f, phi- %.2f (%s)", phi_pos, phi_neg, rule)
     dim = s.projection_dim if s.feature_space == "projection" else s.reduced_dim
     bank = (ConceptBank(book.k, s.bank_size, dim, policy=s.bank_policy,
                         dtype=bank_storage_dtype(amp_dtype(device, cfg.run.amp))).to(device)
@@ -248,17 +257,18 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
     # with the feature cache on, an item's features (hence its concepts) are the same in every epoch
     concepts = ConceptCache(source.n, h * w, book.k, device) if source.cached else None
     state = Step2State(cfg, student, teacher, codebook, d_m, opt, device, bank=bank, bank_gen=bank_gen,
-                       scaler=scaler, concepts=concepts)
+                       scaler=scaler, concepts=concepts, phi_pos=phi_pos, phi_neg=phi_neg)
 
     def step(feats, idx, epoch, global_step):  # one EMA update per step: global_step counts the ones done
         return run_step2_update(state, feats, idx, epoch, ema_step=global_step)
 
     objs: dict[str, Any] = state.checkpoint_objects()
     spec = LoopSpec("step2", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step2.pt",
-                    cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint)
+                    cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint, iterations=s.iterations)
     summary = run_loop(spec, step, {"step2": _ModuleState(**objs)}, stop_after=stop_after)
     meta = head_meta(cfg, c, nq)
     meta["summary"] = summary
+    meta["phi"] = {"rule": s.phi_rule, "phi_pos": phi_pos, "phi_neg": phi_neg}  # the thresholds the head was trained with
     if ctx.is_main:
         from .utils import atomic_torch_save
 
@@ -320,7 +330,7 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
         return _optimise(learner.loss(gather_tokens(y.float(), grid).detach()), opt, learner.parameters())
 
     spec = LoopSpec("step3", source, s.epochs, s.batch_size, cfg.run.seed, run_dir / "checkpoints" / "step3.pt",
-                    cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint)
+                    cfg.run.checkpoint_every, cfg.run.progress, ctx, fingerprint, iterations=s.iterations)
     summary = run_loop(spec, step, {"step3": _ModuleState(learner=learner, opt=opt)}, stop_after=stop_after)
     centroids = learner.weight.detach().cpu()
     if ctx.is_main:
@@ -335,7 +345,7 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
 # ---------------------------------------------------------------------------------------------
 # all steps
 # ---------------------------------------------------------------------------------------------
-ARTIFACTS = {"step1": "clusterbook.pt", "step2": "head.pt", "step3": "centroids.pt", "selftrain": "selftrain.pt"}
+ARTIFACTS = {"step1": "clusterbook.pt", "step2": "head.pt", "step3": "centroids.pt"}
 
 
 def _artifact_fingerprint(path: Path) -> dict | None:
@@ -356,7 +366,7 @@ def _artifact_fingerprint(path: Path) -> dict | None:
 def plan_steps(run_dir: Path, fingerprints: dict[str, dict], force: bool = False) -> dict[str, list[str]]:
     """Decide, before any work, which artifacts and checkpoints of ``run_dir`` are kept.
 
-    Walks Steps 1-3 (and self-training when ``fingerprints`` lists it) in order. A step's artifact is kept only when its stored fingerprint equals the
+    Walks Steps 1-3 in order. A step's artifact is kept only when its stored fingerprint equals the
     current one and nothing upstream is rebuilt; otherwise it and its checkpoint are listed for
     removal with the reason, and every later step is rebuilt too. A step without artifact resumes
     from its checkpoint only when the checkpoint's fingerprint matches; a mismatch raises
@@ -368,7 +378,7 @@ def plan_steps(run_dir: Path, fingerprints: dict[str, dict], force: bool = False
 
     remove: dict[str, list[str]] = {}
     upstream: str | None = "--force" if force else None
-    for step in (s for s in STEPS if s in fingerprints):
+    for step in STEPS:
         art = run_dir / "artifacts" / ARTIFACTS[step]
         ck = run_dir / "checkpoints" / f"{step}.pt"
         if upstream is not None:
@@ -442,65 +452,9 @@ def _device_memory(device) -> int | None:
         return None
 
 
-# ---------------------------------------------------------------------------------------------
-# pseudo-label self-training (beyond the paper; selftrain.enabled)
-# ---------------------------------------------------------------------------------------------
-def _unlabelled_images(cfg: Config, progress: bool):
-    """The training images at ``eval.resolution`` as (B, 3, H, W) batches in [0, 1], with a progress bar; the
-    dataset is built without labels (nothing else is read)."""
-    from tqdm import tqdm
-
-    from .data.datasets import collate
-
-    ds = build_split(cfg, cfg.data.train_split, cfg.eval.resolution, with_labels=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.selftrain.batch_size, collate_fn=collate)
-    with tqdm(total=len(ds), desc="selftrain labels", unit="img", disable=not progress) as bar:
-        for batch in loader:
-            yield batch["image"]
-            bar.update(len(batch["image"]))
-
-
-def train_selftrain(cfg: Config, model: CauseModel, run_dir: Path, device, fingerprint: dict | None = None) -> dict:
-    """Pseudo-label self-training of the Steps 1-3 ``model`` (:func:`causeseg.selftrain.self_train`) into
-    ``artifacts/selftrain.pt`` (reused when it exists, see :func:`train_step1`); returns the artifact (the head's
-    state, tensors and plain data). The pseudo labels come from the model's own predictor as evaluation builds it
-    (``eval.flip``, ``eval.alpha``, the dense CRF with ``selftrain.crf``) on the training images without labels."""
-    import time
-
-    from .crf import CRFRunner
-    from .predict import Predictor
-    from .selftrain import self_train, settings
-    from .utils import atomic_torch_save
-
-    out = run_dir / "artifacts" / "selftrain.pt"
-    if out.exists():
-        log.info("selftrain: reusing %s (built under the same settings)", out)
-        return torch.load(out, map_location="cpu", weights_only=True)
-    st, e = settings(cfg), cfg.eval
-    log.info("selftrain: pseudo-labelling the training images at %d px (flip %s, alpha %g, CRF %s), then %d epochs",
-             e.resolution, e.flip, e.alpha, "on" if cfg.selftrain.crf else "off", st.epochs)
-    t0 = time.perf_counter()
-    runner = CRFRunner(workers=e.crf_workers, timeout=e.crf_timeout) if cfg.selftrain.crf else None
-    try:
-        predictor = Predictor(model.to(device).eval(), device=device, amp=cfg.run.amp, flip=e.flip, alpha=e.alpha,
-                              crf_runner=runner)
-        trained, summary = self_train(predictor, _unlabelled_images(cfg, cfg.run.progress), st,
-                                      crf=cfg.selftrain.crf, log_every=1)
-    finally:
-        if runner is not None:
-            runner.close()
-    summary["seconds"] = time.perf_counter() - t0
-    log.info("selftrain: %d images pseudo-labelled (and their mirrors), %d epochs, loss %.4f -> %.4f, %.1f s",
-             summary["samples"] // 2, st.epochs, summary["loss"][0], summary["loss"][-1], summary["seconds"])
-    obj = {**trained.state(st), "fingerprint": fingerprint}
-    atomic_torch_save(obj, out)
-    return obj
-
-
 def train_all(cfg: Config, run_dir: str | Path, *, stop_after: dict[str, int] | None = None,
               force: bool = False) -> Path:
-    """Run Steps 1-3 (and, with ``selftrain.enabled``, pseudo-label self-training on the main rank) into
-    ``run_dir`` and write the self-contained ``model.pt``. Returns its path.
+    """Run Steps 1-3 into ``run_dir`` and write the self-contained ``model.pt``. Returns its path.
 
     Before any work: the run directory is checked for writing, the backbone and the training split are
     built (bad weights or data fail here), and every existing artifact and checkpoint is compared with
@@ -556,13 +510,9 @@ def train_all(cfg: Config, run_dir: str | Path, *, stop_after: dict[str, int] | 
                             "num_classes": cfg.data.num_classes, "train_resolution": cfg.step2.resolution,
                             "eval_resolution": cfg.eval.resolution, "fingerprint": digest(fps["step3"]),
                             "labelled": cfg.data.dataset != "images"})
+        model.save(model_path, cfg.to_dict())
         summary = {"step2": meta.get("summary"), "clusterbook": book.meta.get("summary"),
                    "fingerprint": digest(fps["step3"])}
-        if "selftrain" in fps:
-            model.selftrain = train_selftrain(cfg, model, run_dir, device, fps["selftrain"])
-            model.meta["selftrain_fingerprint"] = summary["selftrain_fingerprint"] = digest(fps["selftrain"])
-            summary["selftrain"] = model.selftrain.get("meta", {}).get("selftrain")
-        model.save(model_path, cfg.to_dict())
         atomic_write_json(summary, run_dir / "train_summary.json")
     D.barrier()
     return model_path
