@@ -134,6 +134,25 @@ class EvalConfig:
 
 
 @dataclass
+class SelfTrainSection:
+    """Pseudo-label self-training after Step 3 (:mod:`causeseg.selftrain`): beyond the paper, off in every preset.
+
+    A light conv head is trained on the Steps 1-3 model's own cluster maps of the training images (no label);
+    the seed is ``run.seed`` and the pseudo labels are made at ``eval.resolution`` with ``eval.flip`` and
+    ``eval.alpha``, as the evaluation predicts.
+    """
+
+    enabled: bool = False
+    epochs: int = 8
+    lr: float = 1e-3
+    hidden: int = 128  # channels of the 3 x 3 conv
+    batch_size: int = 16  # pseudo-labelled maps per head update
+    label_stride: int = 4  # pseudo labels at 1/label_stride of the image size (majority vote)
+    use_embed: bool = False  # the head also sees the cluster model's head output
+    crf: bool = True  # pseudo labels refined by the dense CRF
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"
@@ -154,6 +173,7 @@ class Config:
     step2: Step2Config = field(default_factory=Step2Config)
     step3: Step3Config = field(default_factory=Step3Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    selftrain: SelfTrainSection = field(default_factory=SelfTrainSection)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -398,6 +418,10 @@ def _validate_ranges(cfg: Config) -> None:
         ("eval.alpha", e.alpha, *positive()), ("eval.crf_workers", e.crf_workers, *at_least(0)),
         ("eval.probe_epochs", e.probe_epochs, *at_least(1)), ("eval.figures", e.figures, *at_least(0)),
         ("run.checkpoint_every", r.checkpoint_every, *at_least(0)), ("run.cache_limit_gb", r.cache_limit_gb, *at_least(0)),
+        ("selftrain.epochs", cfg.selftrain.epochs, *at_least(1)), ("selftrain.lr", cfg.selftrain.lr, *positive()),
+        ("selftrain.hidden", cfg.selftrain.hidden, *at_least(1)),
+        ("selftrain.batch_size", cfg.selftrain.batch_size, *at_least(1)),
+        ("selftrain.label_stride", cfg.selftrain.label_stride, *at_least(1)),
     ]
     if s2.loss_chunk is not None:
         checks.append(("step2.loss_chunk", s2.loss_chunk, *at_least(1)))

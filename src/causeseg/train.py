@@ -345,7 +345,7 @@ def train_step3(cfg: Config, backbone, book: Clusterbook, teacher: Student, run_
 # ---------------------------------------------------------------------------------------------
 # all steps
 # ---------------------------------------------------------------------------------------------
-ARTIFACTS = {"step1": "clusterbook.pt", "step2": "head.pt", "step3": "centroids.pt"}
+ARTIFACTS = {"step1": "clusterbook.pt", "step2": "head.pt", "step3": "centroids.pt", "selftrain": "selftrain.pt"}
 
 
 def _artifact_fingerprint(path: Path) -> dict | None:
@@ -366,7 +366,7 @@ def _artifact_fingerprint(path: Path) -> dict | None:
 def plan_steps(run_dir: Path, fingerprints: dict[str, dict], force: bool = False) -> dict[str, list[str]]:
     """Decide, before any work, which artifacts and checkpoints of ``run_dir`` are kept.
 
-    Walks Steps 1-3 in order. A step's artifact is kept only when its stored fingerprint equals the
+    Walks Steps 1-3 (and self-training when ``fingerprints`` lists it) in order. A step's artifact is kept only when its stored fingerprint equals the
     current one and nothing upstream is rebuilt; otherwise it and its checkpoint are listed for
     removal with the reason, and every later step is rebuilt too. A step without artifact resumes
     from its checkpoint only when the checkpoint's fingerprint matches; a mismatch raises
@@ -378,7 +378,7 @@ def plan_steps(run_dir: Path, fingerprints: dict[str, dict], force: bool = False
 
     remove: dict[str, list[str]] = {}
     upstream: str | None = "--force" if force else None
-    for step in STEPS:
+    for step in (s for s in STEPS if s in fingerprints):
         art = run_dir / "artifacts" / ARTIFACTS[step]
         ck = run_dir / "checkpoints" / f"{step}.pt"
         if upstream is not None:
@@ -452,9 +452,65 @@ def _device_memory(device) -> int | None:
         return None
 
 
+# ---------------------------------------------------------------------------------------------
+# pseudo-label self-training (beyond the paper; selftrain.enabled)
+# ---------------------------------------------------------------------------------------------
+def _unlabelled_images(cfg: Config, progress: bool):
+    """The training images at ``eval.resolution`` as (B, 3, H, W) batches in [0, 1], with a progress bar; the
+    dataset is built without labels (nothing else is read)."""
+    from tqdm import tqdm
+
+    from .data.datasets import collate
+
+    ds = build_split(cfg, cfg.data.train_split, cfg.eval.resolution, with_labels=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size=cfg.selftrain.batch_size, collate_fn=collate)
+    with tqdm(total=len(ds), desc="selftrain labels", unit="img", disable=not progress) as bar:
+        for batch in loader:
+            yield batch["image"]
+            bar.update(len(batch["image"]))
+
+
+def train_selftrain(cfg: Config, model: CauseModel, run_dir: Path, device, fingerprint: dict | None = None) -> dict:
+    """Pseudo-label self-training of the Steps 1-3 ``model`` (:func:`causeseg.selftrain.self_train`) into
+    ``artifacts/selftrain.pt`` (reused when it exists, see :func:`train_step1`); returns the artifact (the head's
+    state, tensors and plain data). The pseudo labels come from the model's own predictor as evaluation builds it
+    (``eval.flip``, ``eval.alpha``, the dense CRF with ``selftrain.crf``) on the training images without labels."""
+    import time
+
+    from .crf import CRFRunner
+    from .predict import Predictor
+    from .selftrain import self_train, settings
+    from .utils import atomic_torch_save
+
+    out = run_dir / "artifacts" / "selftrain.pt"
+    if out.exists():
+        log.info("selftrain: reusing %s (built under the same settings)", out)
+        return torch.load(out, map_location="cpu", weights_only=True)
+    st, e = settings(cfg), cfg.eval
+    log.info("selftrain: pseudo-labelling the training images at %d px (flip %s, alpha %g, CRF %s), then %d epochs",
+             e.resolution, e.flip, e.alpha, "on" if cfg.selftrain.crf else "off", st.epochs)
+    t0 = time.perf_counter()
+    runner = CRFRunner(workers=e.crf_workers, timeout=e.crf_timeout) if cfg.selftrain.crf else None
+    try:
+        predictor = Predictor(model.to(device).eval(), device=device, amp=cfg.run.amp, flip=e.flip, alpha=e.alpha,
+                              crf_runner=runner)
+        trained, summary = self_train(predictor, _unlabelled_images(cfg, cfg.run.progress), st,
+                                      crf=cfg.selftrain.crf, log_every=1)
+    finally:
+        if runner is not None:
+            runner.close()
+    summary["seconds"] = time.perf_counter() - t0
+    log.info("selftrain: %d images pseudo-labelled (and their mirrors), %d epochs, loss %.4f -> %.4f, %.1f s",
+             summary["samples"] // 2, st.epochs, summary["loss"][0], summary["loss"][-1], summary["seconds"])
+    obj = {**trained.state(st), "fingerprint": fingerprint}
+    atomic_torch_save(obj, out)
+    return obj
+
+
 def train_all(cfg: Config, run_dir: str | Path, *, stop_after: dict[str, int] | None = None,
               force: bool = False) -> Path:
-    """Run Steps 1-3 into ``run_dir`` and write the self-contained ``model.pt``. Returns its path.
+    """Run Steps 1-3 (and, with ``selftrain.enabled``, pseudo-label self-training on the main rank) into
+    ``run_dir`` and write the self-contained ``model.pt``. Returns its path.
 
     Before any work: the run directory is checked for writing, the backbone and the training split are
     built (bad weights or data fail here), and every existing artifact and checkpoint is compared with
@@ -510,9 +566,13 @@ def train_all(cfg: Config, run_dir: str | Path, *, stop_after: dict[str, int] | 
                             "num_classes": cfg.data.num_classes, "train_resolution": cfg.step2.resolution,
                             "eval_resolution": cfg.eval.resolution, "fingerprint": digest(fps["step3"]),
                             "labelled": cfg.data.dataset != "images"})
-        model.save(model_path, cfg.to_dict())
         summary = {"step2": meta.get("summary"), "clusterbook": book.meta.get("summary"),
                    "fingerprint": digest(fps["step3"])}
+        if "selftrain" in fps:
+            model.selftrain = train_selftrain(cfg, model, run_dir, device, fps["selftrain"])
+            model.meta["selftrain_fingerprint"] = summary["selftrain_fingerprint"] = digest(fps["selftrain"])
+            summary["selftrain"] = model.selftrain.get("meta", {}).get("selftrain")
+        model.save(model_path, cfg.to_dict())
         atomic_write_json(summary, run_dir / "train_summary.json")
     D.barrier()
     return model_path
