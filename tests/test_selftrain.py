@@ -129,6 +129,9 @@ def test_flip_tta_and_evaluate_interface():
     data = [{"image": images[i], "label": regions[i], "index": i, "name": f"x{i}"} for i in range(4)]
     res = evaluate(pred, data, num_classes=3, batch_size=2, crf=True, figures=0, progress=False)
     assert res["no_crf"]["miou"] > 0.9 and res["crf"]["miou"] > 0.9
+    assert res["predictor"] == "selftrain" and res["alpha"] == 1.0
+    base_res = evaluate(Predictor(base), data, num_classes=3, batch_size=2, crf=False, figures=0, progress=False)
+    assert base_res["predictor"] == "centroids"
 
 
 def test_save_load_round_trip(tmp_path):

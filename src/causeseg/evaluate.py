@@ -3,7 +3,8 @@
 The confusion matrix is accumulated over the whole split (sharded over ranks and all-reduced
 when distributed) and matched once with the Hungarian algorithm; mIoU is the nan-mean of the
 per-class IoU, pAcc the overall pixel accuracy. Labels are only read here, after training.
-``metrics.json`` names the predictor scored: ``"centroids"`` (Step 3) or ``"selftrain"`` (the self-trained head).
+``metrics.json`` names the predictor scored: ``"centroids"`` (Step 3), ``"selftrain"`` (the self-trained head) or
+``"custom"`` (a duck-typed predictor without either).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def evaluate(predictor: Predictor, dataset, *, num_classes: int, batch_size: int
     D.all_reduce_sum(total_images)
     res: dict[str, Any] = {"num_images": int(total_images.item()), "num_classes": num_classes,
                            "protocol": "Hungarian matching on the dataset-level confusion matrix (one-to-one)",
-                           "predictor": getattr(predictor.model, "predictor_name", "centroids"),
+                           "predictor": getattr(getattr(predictor, "model", None), "predictor_name", "custom"),
                            "flip_tta": predictor.flip, "alpha": predictor.alpha,
                            "seconds": time.perf_counter() - t0, "settings": _SETTINGS}
     res["no_crf"] = plain.compute()

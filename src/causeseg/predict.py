@@ -250,7 +250,7 @@ def predict_folder(predictor: Predictor, inputs: list[str | Path], out_dir: str 
     each image's original size (EXIF orientation applied), named as the module docstring says.
 
     Returns this call's report: ``written`` (``file`` = absolute input path, ``name``, ``size`` [w, h],
-    ``labels`` and ``overlay`` relative to ``out_dir``, ``predictor``: "centroids" or "selftrain") and
+    ``labels`` and ``overlay`` relative to ``out_dir``, ``predictor``: "centroids", "selftrain" or "custom") and
     ``skipped`` (``file``, ``reason``; only with ``on_error='skip'``). Earlier reports of ``out_dir`` reserve
     their output names: a new file never overwrites another file's prediction. Store the result with
     ``merge_report``.
@@ -267,7 +267,7 @@ def predict_folder(predictor: Predictor, inputs: list[str | Path], out_dir: str 
              if str(e["labels"]).startswith("labels/")}
     max_side = max_side or 4 * resolution
     num_classes = predictor.model.num_classes
-    predictor_kind = getattr(predictor.model, "predictor_name", "centroids")
+    predictor_kind = getattr(predictor.model, "predictor_name", "custom")
     written, skipped = [], []
     for path, name in tqdm(items, desc="predict", unit="img", disable=not progress):
         source = str(path.resolve())
