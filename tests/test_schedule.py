@@ -165,8 +165,8 @@ def test_train_steps_pass_iterations_and_published_lr(tmp_path):
                              "step2.head=mlp", "step2.batch_size=4", "step2.iterations=2", "step2.projection_dim=8",
                              "step2.reduced_dim=4", "step2.ffn_dim=8", "step2.bank_size=2",
                              "step3.batch_size=4", "step3.iterations=5", "data.num_classes=2",
-                             "step3.init_tokens=2", "step1.grid=1", "step2.grid=1", "step3.grid=1", "run.lr_scaling=published", "run.progress=false",
-                             "run.checkpoint_every=0", "run.amp=off"])
+                             "step3.init_tokens=2", "step1.grid=1", "step2.grid=1", "step3.grid=1",
+                             "run.lr_scaling=published", "run.progress=false", "run.checkpoint_every=0", "run.amp=off"])
     dev, ctx, src = torch.device("cpu"), DistContext(), _source()
     book = train_step1(cfg, None, tmp_path, dev, ctx, source=src)
     assert book.meta["summary"]["steps"] == 4  # 1 epoch of 3 steps + 1 step of the second

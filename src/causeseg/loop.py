@@ -1,10 +1,11 @@
 """A small, resumable training loop shared by Steps 1-3.
 
 A step runs either ``epochs`` whole epochs or, with ``iterations`` set, exactly that many optimiser steps
-(``ceil(iterations / steps_per_epoch)`` epochs, stopping inside the last one). It owns the epoch/step bookkeeping, the progress bar (loss and throughput), atomic checkpoints
-every N optimiser steps and at every epoch end, exact resume (module, optimiser and RNG states,
-position inside the epoch as a sample offset), resume with another number of processes, and
-the optional interruption used by the tests. Only rank 0 writes checkpoints.
+(``ceil(iterations / steps_per_epoch)`` epochs, stopping inside the last one). The loop owns the epoch/step
+bookkeeping, the progress bar (loss and throughput), atomic checkpoints every N optimiser steps, at every epoch
+end and at the stop, exact resume (module, optimiser and RNG states, position inside the epoch as a sample offset),
+resume with another number of processes, and the optional interruption used by the tests. Only rank 0 writes
+checkpoints.
 """
 
 from __future__ import annotations

@@ -268,7 +268,7 @@ def train_step2(cfg: Config, backbone, book: Clusterbook, run_dir: Path, device,
     summary = run_loop(spec, step, {"step2": _ModuleState(**objs)}, stop_after=stop_after)
     meta = head_meta(cfg, c, nq)
     meta["summary"] = summary
-    meta["phi"] = {"rule": s.phi_rule, "phi_pos": phi_pos, "phi_neg": phi_neg}  # the thresholds the head was trained with
+    meta["phi"] = {"rule": s.phi_rule, "phi_pos": phi_pos, "phi_neg": phi_neg}  # the thresholds it was trained with
     if ctx.is_main:
         from .utils import atomic_torch_save
 
