@@ -7,6 +7,7 @@ requested fractions of concept pairs positive / negative; the Step-2 iteration u
 
 from __future__ import annotations
 
+import json
 import logging
 
 import numpy as np
@@ -182,3 +183,19 @@ def test_changing_the_phi_rule_rebuilds_head_and_centroids_not_the_clusterbook(t
     arts = tmp_path / "artifacts"
     assert set(remove) == {str(arts / "head.pt"), str(arts / "centroids.pt")}
     assert any("step2.phi_rule: 'fixed' -> 'quantile'" in r for r in remove[str(arts / "head.pt")])
+
+
+def test_a_setting_added_since_an_artifact_was_written_counts_only_when_not_at_its_default():
+    from causeseg.provenance import differences, step_fingerprints
+
+    new = step_fingerprints(load_config(None, []), backbone_digest="b", data_digest="d", amp="off")["step3"]
+    old = json.loads(json.dumps(new))
+    for section, key in (("step2", "phi_rule"), ("step2", "phi_pos_frac"), ("step1", "iterations")):
+        del old[section][key]  # written by a causeseg without these settings
+    assert differences(old, new) == []
+    changed = step_fingerprints(load_config(None, ["step2.phi_rule=quantile", "step1.iterations=5"]),
+                                backbone_digest="b", data_digest="d", amp="off")["step3"]
+    assert sorted(differences(old, changed)) == ["step1.iterations: '<absent>' -> 5",
+                                                 "step2.phi_rule: '<absent>' -> 'quantile'"]
+    old["step2"]["phi_pos"] = 0.2  # a setting present in both still compares as before
+    assert differences(old, new) == ["step2.phi_pos: 0.2 -> 0.3"]

@@ -109,6 +109,15 @@ def selftrain_fingerprint(cfg, step3: dict[str, Any]) -> dict[str, Any]:
     return {**step3, "selftrain": _plain(cfg.selftrain), "pseudo_labels": labels}
 
 
+def _setting_defaults() -> dict[str, Any]:
+    """Flattened defaults of the fingerprinted step sections (``step2.phi_rule`` -> ``'fixed'``, ...)."""
+    from . import config as C
+
+    sections = {"step1": C.Step1Config(), "step2": C.Step2Config(), "step3": C.Step3Config(),
+                "selftrain": C.SelfTrainSection()}
+    return _flatten({name: _plain(obj) for name, obj in sections.items()})
+
+
 def _plain(obj) -> dict[str, Any]:
     import dataclasses
 
@@ -131,13 +140,18 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
 def differences(old: dict | None, new: dict) -> list[str]:
     """Human-readable differences ``key: old -> new`` between two fingerprints (empty when equal).
 
-    An old fingerprint of ``None`` (an artifact written by an older causeseg) is one difference.
+    An old fingerprint of ``None`` (an artifact written by an older causeseg) is one difference. A step
+    setting the old fingerprint lacks (a setting added since it was written) is no difference while its new
+    value is the setting's default: the older causeseg behaved as the default does.
     """
     if old is None:
         return ["no fingerprint recorded (written by an older causeseg)"]
     a, b = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
+    defaults = _setting_defaults()
     out = []
     for key in sorted(set(a) | set(b)):
+        if key not in a and key in defaults and b.get(key) == defaults[key]:
+            continue
         if a.get(key, "<absent>") != b.get(key, "<absent>"):
             out.append(f"{key}: {a.get(key, '<absent>')!r} -> {b.get(key, '<absent>')!r}")
     return out
