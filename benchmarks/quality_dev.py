@@ -53,6 +53,7 @@ from causeseg.utils import atomic_write_bytes, seed_everything  # noqa: E402
 DEV_MODULUS = 5  # 1 in 5 of camvid/train is dev
 
 SINK = ["step3.learner=sinkhorn"]
+CAT8 = ["backbone.options.feature_stride=cat"]
 #: name -> (method, overrides, what it tests, reuse: setting whose clusterbook + head are reused for Step 3)
 SETTINGS: dict[str, tuple[str, list[str], str, str | None]] = {
     "kmeans": ("kmeans", [], "baseline: k-means (C = 11, n_init 3) on raw stride-16 backbone features", None),
@@ -83,6 +84,30 @@ SETTINGS: dict[str, tuple[str, list[str], str, str | None]] = {
                                    "CAUSE-MLP, relaxed sinkhorn (balance 0.5) + k-means++", "mlp"),
     "mlp_step3_kmeans_kmeanspp": ("cause_mlp", ["step3.learner=kmeans", "step3.init=kmeans++"],
                                   "CAUSE-MLP, online cluster probe seeded by k-means++", "mlp"),
+    # phi calibrated from the quantiles of the off-diagonal D_M of the seed-0 fit clusterbook (k 512): 45 % of its
+    # pairs exceed the DINO-tuned 0.3; the rule "top P % positive, bottom 50 % negative" gives these thresholds
+    "tr_phiq10": ("cause_tr", ["step2.phi_pos=0.417", "step2.phi_neg=0.286"],
+                  "phi from D_M quantiles: 10 % of concept pairs positive, 50 % negative (seed-0 clusterbook)", None),
+    "tr_phiq25": ("cause_tr", ["step2.phi_pos=0.359", "step2.phi_neg=0.286"],
+                  "phi from D_M quantiles: 25 % of concept pairs positive, 50 % negative (seed-0 clusterbook)", None),
+    "tr_phiq10_sinkhorn": ("cause_tr", ["step2.phi_pos=0.417", "step2.phi_neg=0.286", *SINK,
+                                        "step3.sinkhorn_balance=0.5", "step3.init=kmeans++"],
+                           "phi quantile 10/50 head, relaxed sinkhorn (0.5) + k-means++ Step 3", "tr_phiq10"),
+    "tr_phiq25_sinkhorn": ("cause_tr", ["step2.phi_pos=0.359", "step2.phi_neg=0.286", *SINK,
+                                        "step3.sinkhorn_balance=0.5", "step3.init=kmeans++"],
+                           "phi quantile 25/50 head, relaxed sinkhorn (0.5) + k-means++ Step 3", "tr_phiq25"),
+    "tr_phiq10_head_kmeans": ("kmeans_head", [], "reference: offline k-means on the phi-quantile 10/50 head output",
+                              "tr_phiq10"),
+    "tr_phiq25_head_kmeans": ("kmeans_head", [], "reference: offline k-means on the phi-quantile 25/50 head output",
+                              "tr_phiq25"),
+    # finer tokens: the stride-8 multi-scale features (stages at strides 8, 16, 32 resized to stride 8 and
+    # concatenated: 472-d, 40 x 40 tokens at 320 px, the token grid of ViT-S/8)
+    "kmeans_cat8": ("kmeans", CAT8, "baseline on the stride-8 multi-scale features", None),
+    "tr_cat8": ("cause_tr", CAT8, "CAUSE-TR preset on the stride-8 multi-scale features", None),
+    "tr_cat8_sinkhorn": ("cause_tr", [*CAT8, *SINK, "step3.sinkhorn_balance=0.5", "step3.init=kmeans++"],
+                         "stride-8 multi-scale head, relaxed sinkhorn (0.5) + k-means++ Step 3", "tr_cat8"),
+    "tr_cat8_head_kmeans": ("kmeans_head", CAT8, "reference: offline k-means on the stride-8 multi-scale head output",
+                            "tr_cat8"),
     "mlp_sinkhorn_kmeanspp": ("cause_mlp", [*SINK, "step3.init=kmeans++"], "CAUSE-MLP, sinkhorn + k-means++",
                               "mlp"),
 }

@@ -37,7 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from quality import kmeans_baseline, score  # noqa: E402
-from quality_dev import build_dev_split  # noqa: E402
+from quality_dev import SETTINGS, build_dev_split  # noqa: E402
 from quality_sweep import cluster_usage  # noqa: E402
 
 from causeseg.config import load_config  # noqa: E402
@@ -55,6 +55,12 @@ def base_model(name: str, cfg, quality_runs: Path, run_dir: Path) -> CauseModel:
     """The k-means baseline (centroids cached in ``run_dir``) or a CAUSE model trained by quality_dev.py."""
     if name != "kmeans":
         path = quality_runs / name / "model.pt"
+        cents = quality_runs / name / "artifacts" / "centroids.pt"
+        if not path.exists() and cents.exists() and SETTINGS.get(name, (None,) * 4)[3]:
+            # a Step-3 setting of quality_dev.py: the reused setting's model with this setting's centroids
+            base = CauseModel.load(quality_runs / SETTINGS[name][3] / "model.pt")
+            c = torch.load(cents, map_location="cpu", weights_only=True)["centroids"]
+            return CauseModel(base.backbone, base.head, base.codebook, c, base.meta)
         if not path.exists():
             sys.exit(f"{path}: no trained model; run `python benchmarks/quality_dev.py --only {name}` first")
         return CauseModel.load(path)

@@ -155,10 +155,15 @@ def test_centroid_learner_sinkhorn_is_deterministic_and_unknown_learner_rejected
 def test_config_accepts_sinkhorn_learner_and_rejects_bad_eps():
     cfg = load_config("camvid_effnet_tr", ["step3.learner=sinkhorn", "step3.sinkhorn_eps=0.02"])
     assert cfg.step3.learner == "sinkhorn" and cfg.step3.sinkhorn_eps == 0.02 and cfg.step3.sinkhorn_iters == 3
-    assert cfg.step3.sinkhorn_balance == 1.0
+    assert cfg.step3.sinkhorn_balance == 0.5  # the camvid_effnet presets' dev-chosen Step 3
     with pytest.raises(ConfigError, match="sinkhorn_balance"):
         load_config("camvid_effnet_tr", ["step3.sinkhorn_balance=1.5"])
-    assert load_config("camvid_effnet_tr", []).step3.learner == "modularity"  # off in the paper presets
+    for preset in ("cocostuff27_dino_vits8_tr", "cityscapes27_dino_vitb8_mlp", "voc_dino_vits16_tr"):
+        s3 = load_config(preset, []).step3  # off in the paper presets: the official modularity centroids
+        assert (s3.learner, s3.init, s3.sinkhorn_balance) == ("modularity", "uniform", 1.0)
+    for preset in ("camvid_effnet_tr", "camvid_effnet_mlp"):  # chosen on the dev split (README "Quality")
+        s3 = load_config(preset, []).step3
+        assert (s3.learner, s3.init, s3.sinkhorn_balance) == ("sinkhorn", "kmeans++", 0.5)
     with pytest.raises(ConfigError, match="sinkhorn_eps"):
         load_config("camvid_effnet_tr", ["step3.learner=sinkhorn", "step3.sinkhorn_eps=0"])
 
