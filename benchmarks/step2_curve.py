@@ -51,19 +51,27 @@ from causeseg.train import (build_backbone_from_config, build_split, build_stude
                             train_step3)
 from causeseg.utils import atomic_write_bytes, seed_everything  # noqa: E402
 
-STEP3 = {"modularity": [], "sinkhorn": ["step3.learner=sinkhorn", "step3.sinkhorn_balance=0.5", "step3.init=kmeans++"]}
+#: each readout names every Step-3 setting it depends on, so a preset change cannot alter it
+STEP3 = {"modularity": ["step3.learner=modularity", "step3.init=uniform"],
+         "sinkhorn": ["step3.learner=sinkhorn", "step3.sinkhorn_balance=0.5", "step3.init=kmeans++"]}
 
 
 def teacher_at(cfg, run_dir: Path, in_dim: int, nq: int, step: int):
-    """The EMA teacher after ``step`` Step-2 iterations (0: the initial head, as ``train_step2`` builds it)."""
+    """The EMA teacher after ``step`` Step-2 iterations (0: the initial head, as ``train_step2`` builds it),
+    from ``curve/teacher-<step>.pt`` when it was kept, else from the Step-2 checkpoint (kept then)."""
     torch.manual_seed(cfg.run.seed)
     student = build_student(cfg, in_dim, nq)
     teacher = make_teacher(student)
-    if step > 0:
+    kept = run_dir / "curve" / f"teacher-{step}.pt"
+    if step > 0 and kept.exists():
+        teacher.load_state_dict(torch.load(kept, map_location="cpu", weights_only=True))
+    elif step > 0:
         ck = torch.load(run_dir / "checkpoints" / "step2.pt", map_location="cpu", weights_only=True)
         if int(ck["global_step"]) != step:
-            raise SystemExit(f"checkpoint at step {ck['global_step']}, expected {step}")
+            raise SystemExit(f"checkpoint at step {ck['global_step']}, expected {step}, and no {kept}")
         teacher.load_state_dict(ck["state"]["step2"]["teacher"])
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(teacher.state_dict(), kept)
     return teacher.eval()
 
 
@@ -80,11 +88,14 @@ def head_kmeans(cfg, model: CauseModel, seed: int) -> CauseModel:
                       model.meta)
 
 
-def point(cfg, dev_cfg, run_dir: Path, backbone, book, teacher, step: int, seed: int) -> dict:
+def point(cfg, dev_cfg, run_dir: Path, backbone, book, teacher, step: int, seed: int,
+          readouts: tuple[str, ...] = ("modularity", "sinkhorn", "head_kmeans")) -> dict:
     out: dict = {"step": step}
     base = CauseModel(backbone, teacher.head, book.prototypes, torch.zeros(cfg.data.num_classes, 1), {})
     out["cone"] = head_cone(base, dev_cfg)
     for name, ov in STEP3.items():
+        if name not in readouts:
+            continue
         c3 = load_config("camvid_effnet_tr", [*cfg_overrides(cfg), *ov])
         snap = run_dir / "curve" / f"{step}-{name}"
         shutil.rmtree(snap, ignore_errors=True)
@@ -95,6 +106,8 @@ def point(cfg, dev_cfg, run_dir: Path, backbone, book, teacher, step: int, seed:
         cents = train_step3(c3, backbone, book, teacher, snap, torch.device("cpu"), init_distributed("cpu"))
         model = CauseModel(backbone, teacher.head, book.prototypes, cents, {})
         out[name] = evaluate_point(model, dev_cfg, snap, t0)
+    if "head_kmeans" not in readouts:
+        return out
     t0 = time.perf_counter()
     model = head_kmeans(cfg, base, seed)
     out["head_kmeans"] = evaluate_point(model, dev_cfg, run_dir / "curve" / f"{step}-head_kmeans", t0)
@@ -129,8 +142,11 @@ def plot(results: dict, path: Path) -> None:
         x = [p["step"] for p in pts]
         for name, colour in styles.items():
             label = f"{name} ({seed})"
-            axes[0].plot(x, [p[name]["miou"] for p in pts], marker="o", color=colour, label=label)
-            axes[1].plot(x, [p[name]["clusters_over_1pct"] for p in pts], marker="o", color=colour, label=label)
+            nan = float("nan")  # a readout not measured at a point is a gap
+            axes[0].plot(x, [p[name]["miou"] if p[name]["miou"] is not None else nan for p in pts], marker="o",
+                         color=colour, label=label)
+            axes[1].plot(x, [p[name]["clusters_over_1pct"] if p[name]["miou"] is not None else nan for p in pts],
+                         marker="o", color=colour, label=label)
         axes[2].plot(x, [p["cone"]["mean_pair_cos"] for p in pts], marker="o", color="k", label=seed)
     if "kmeans_dev_miou" in results:
         axes[0].axhline(results["kmeans_dev_miou"], color="grey", ls="--", label="k-means (raw features)")
@@ -145,6 +161,24 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path)
 
 
+def rescore(args, cfg, dev_cfg, run_dir: Path, out: Path) -> None:
+    """Recompute some readouts of some points of a finished curve from its kept teachers."""
+    results = json.loads(out.read_text())
+    points = {p["step"]: p for p in results[f"seed{args.seed}"]["points"]}
+    backbone = build_backbone_from_config(cfg, torch.device("cpu"))
+    book = Clusterbook.load(run_dir / "artifacts" / "clusterbook.pt")
+    res = cfg.step2.resolution // 16
+    readouts = tuple(args.readouts.split(","))
+    for step in (int(x) for x in args.rescore.split(",")):
+        teacher = teacher_at(cfg, run_dir, backbone.embed_dim, res * res, step)
+        new = point(cfg, dev_cfg, run_dir, backbone, book, teacher, step, args.seed, readouts)
+        points[step].update({k: v for k, v in new.items() if k in readouts})
+        points[step].setdefault("rescored", []).extend(readouts)
+        print(json.dumps({"step": step, **{k: new[k]["miou"] for k in readouts}}), flush=True)
+    atomic_write_bytes(out, (json.dumps(results, indent=2) + "\n").encode())
+    plot(results, out.with_suffix(".png"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iterations", type=int, default=250)
@@ -154,6 +188,10 @@ def main() -> None:
     ap.add_argument("--work", default=str(ROOT / "runs" / "step2-curve"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "step2-curve.json"))
     ap.add_argument("--plot-only", action="store_true", help="redraw the PNG beside --out from its JSON and exit")
+    ap.add_argument("--rescore", default="", metavar="STEPS",
+                    help="recompute --readouts at these Step-2 iteration counts of an existing run (its kept "
+                         "teachers) and update the JSON, e.g. --rescore 250 --readouts modularity")
+    ap.add_argument("--readouts", default="modularity,sinkhorn,head_kmeans")
     args = ap.parse_args()
     if args.plot_only:
         plot(json.loads(Path(args.out).read_text()), Path(args.out).with_suffix(".png"))
@@ -173,6 +211,9 @@ def main() -> None:
     dev_cfg = load_config("camvid_effnet_tr", ["data.dataset=camvid", f"data.root={data}", "data.val_split=dev",
                                                "run.progress=false"])
     run_dir = work / "runs" / f"seed{args.seed}"
+    if args.rescore:
+        rescore(args, cfg, dev_cfg, run_dir, Path(args.out))
+        return
     shutil.rmtree(run_dir, ignore_errors=True)
     seed_everything(args.seed)
     backbone = build_backbone_from_config(cfg, torch.device("cpu"))

@@ -332,6 +332,10 @@ def test_k_against_tokens_and_bank_memory(data, tmp_path, capsys):
     assert main(["train", *TINY, "--data-root", str(data), "-s", "step2.bank_size=100000000",
                  "-o", str(tmp_path / "r")]) == 2
     assert "GiB" in _err(capsys)
+    # 6 items x 1 window (4x4 tokens at 64 px, step3.grid 4): too few tokens to seed 8 centroids
+    assert main(["train", *TINY, "--data-root", str(data), "-s", "step3.init=kmeans++", "-s", "data.num_classes=8",
+                 "-s", "data.label_spec={num_classes: 8}", "-o", str(tmp_path / "r")]) == 2
+    assert "step3.init=kmeans++" in (e := _err(capsys)) and "gives 6 (6 items x 1 per item" in e
     assert not (tmp_path / "r" / "config.yaml").exists()
 
 

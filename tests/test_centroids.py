@@ -201,7 +201,7 @@ def test_lr_schedule_official_steps_per_epoch_in_steps_1_and_3(four_images, tmp_
           "step1.k=16", "step1.resolution=64", "step1.batch_size=4", "step1.epochs=2", "step1.lr=0.01",
           "step2.resolution=64", "step2.batch_size=4", "step2.epochs=1", "step2.projection_dim=16",
           "step2.ffn_dim=16", "step2.reduced_dim=8", "step2.bank_size=4", "step3.resolution=64",
-          "step3.batch_size=4", "step3.epochs=5", "step3.lr=0.001", "step3.learner=sinkhorn",
+          "step3.batch_size=4", "step3.epochs=5", "step3.lr=0.001", "step3.learner=sinkhorn", "step3.init=uniform",
           f"step1.lr_schedule={schedule}", f"step3.lr_schedule={schedule}", "run.progress=false",
           "run.device=cpu", "run.feature_cache=off"]
     train.train_all(load_config("camvid_effnet_tr", ov), tmp_path / "run")

@@ -415,8 +415,8 @@ def check_output_dir(path: Path, what: str = "run directory") -> None:
 
 
 def preflight(cfg: Config, backbone, device, n_items: int) -> None:
-    """Checks that need the backbone's token grid, before any work: k against the tokens available
-    and the Step-2 bank against the memory of the device."""
+    """Checks that need the backbone's token grid, before any work: k against the tokens available, the
+    Step-3 k-means++ seeds against the tokens it samples, and the Step-2 bank against the device's memory."""
     from .config import ConfigError
 
     with torch.no_grad():
@@ -430,6 +430,17 @@ def preflight(cfg: Config, backbone, device, n_items: int) -> None:
     if s1.method != "modularity" and s1.k > min(s1.max_samples, available):
         raise ConfigError(f"step1.k={s1.k} exceeds the tokens the {s1.method} discretiser samples "
                           f"(min(step1.max_samples={s1.max_samples}, {available} tokens)); lower step1.k")
+    s3 = cfg.step3
+    if s3.init == "kmeans++":  # the seeds are drawn from one grid-sampled head output per window and image
+        h3 = w3 = s3.resolution // max(1, round(cfg.step1.resolution / h))
+        per_item = (h3 // s3.grid) * (w3 // s3.grid)
+        seeds = min(s3.init_tokens, n_items * per_item)
+        if seeds < cfg.data.num_classes:
+            raise ConfigError(f"step3.init=kmeans++ needs at least data.num_classes={cfg.data.num_classes} tokens to "
+                              f"seed from, but the training split gives {seeds} ({n_items} items x {per_item} per "
+                              f"item: one per step3.grid={s3.grid} window of the {h3}x{w3} token grid at "
+                              f"step3.resolution={s3.resolution}); use step3.init=uniform, a smaller step3.grid or "
+                              f"a larger resolution")
     s2 = cfg.step2
     if s2.use_bank:
         dim = s2.projection_dim if s2.feature_space == "projection" else s2.reduced_dim
