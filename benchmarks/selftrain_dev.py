@@ -56,9 +56,11 @@ def base_model(name: str, cfg, quality_runs: Path, run_dir: Path) -> CauseModel:
     if name != "kmeans":
         path = quality_runs / name / "model.pt"
         cents = quality_runs / name / "artifacts" / "centroids.pt"
-        if not path.exists() and cents.exists() and SETTINGS.get(name, (None,) * 4)[3]:
+        setting, _, seed = name.partition("@")  # "name@seed1": quality_dev.py's run of seed 1
+        reuse = SETTINGS.get(setting, (None,) * 4)[3]
+        if not path.exists() and cents.exists() and reuse:
             # a Step-3 setting of quality_dev.py: the reused setting's model with this setting's centroids
-            base = CauseModel.load(quality_runs / SETTINGS[name][3] / "model.pt")
+            base = CauseModel.load(quality_runs / (reuse + (f"@{seed}" if seed else "")) / "model.pt")
             c = torch.load(cents, map_location="cpu", weights_only=True)["centroids"]
             return CauseModel(base.backbone, base.head, base.codebook, c, base.meta)
         if not path.exists():
