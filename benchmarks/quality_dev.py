@@ -167,11 +167,10 @@ def step3_on(cfg, base_run: Path, run_dir: Path) -> CauseModel:
     return CauseModel(base.backbone, base.head, base.codebook, centroids, base.meta)
 
 
-def head_kmeans_on(cfg, base_run: Path, seed: int) -> CauseModel:
-    """Offline k-means on the unit head outputs of the training images in place of Step 3 (a reference)."""
+def head_kmeans(cfg, base: CauseModel, seed: int) -> CauseModel:
+    """Offline k-means (C clusters, n_init 3) on 20,000 unit head outputs of the training images of ``base``."""
     from sklearn.cluster import KMeans
 
-    base = CauseModel.load(base_run / "model.pt")
     ds = build_split(cfg, cfg.data.train_split, cfg.eval.resolution, with_labels=False)
     with torch.no_grad():
         y = torch.cat([unit_tokens(base.embed(torch.stack([ds[j]["image"] for j in range(i, min(i + 16, len(ds)))])))
@@ -180,6 +179,11 @@ def head_kmeans_on(cfg, base_run: Path, seed: int) -> CauseModel:
     km = KMeans(n_clusters=cfg.data.num_classes, n_init=3, random_state=seed).fit(x)
     return CauseModel(base.backbone, base.head, base.codebook, torch.from_numpy(km.cluster_centers_).float(),
                       base.meta)
+
+
+def head_kmeans_on(cfg, base_run: Path, seed: int) -> CauseModel:
+    """:func:`head_kmeans` on the trained model of ``base_run`` in place of its Step 3 (a reference)."""
+    return head_kmeans(cfg, CauseModel.load(base_run / "model.pt"), seed)
 
 
 def run_setting(name: str, work: Path, seed: int, crf: bool) -> dict:

@@ -35,9 +35,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from head_geometry import cone_stats, unit_tokens  # noqa: E402
 from quality import score  # noqa: E402
-from quality_dev import build_dev_split, head_cone  # noqa: E402
+from quality_dev import build_dev_split, head_cone, head_kmeans  # noqa: E402
 from quality_sweep import cluster_usage  # noqa: E402
 
 from causeseg.clusterbook import Clusterbook  # noqa: E402
@@ -47,7 +46,7 @@ from causeseg.distributed import init_distributed  # noqa: E402
 from causeseg.heads import make_teacher  # noqa: E402
 from causeseg.loop import TrainingInterrupted  # noqa: E402
 from causeseg.model import CauseModel  # noqa: E402
-from causeseg.train import (build_backbone_from_config, build_split, build_student, train_all,  # noqa: E402
+from causeseg.train import (build_backbone_from_config, build_student, train_all,  # noqa: E402
                             train_step3)
 from causeseg.utils import atomic_write_bytes, seed_everything  # noqa: E402
 
@@ -73,19 +72,6 @@ def teacher_at(cfg, run_dir: Path, in_dim: int, nq: int, step: int):
         kept.parent.mkdir(parents=True, exist_ok=True)
         torch.save(teacher.state_dict(), kept)
     return teacher.eval()
-
-
-def head_kmeans(cfg, model: CauseModel, seed: int) -> CauseModel:
-    from sklearn.cluster import KMeans
-
-    ds = build_split(cfg, cfg.data.train_split, cfg.eval.resolution, with_labels=False)
-    with torch.no_grad():
-        y = torch.cat([unit_tokens(model.embed(torch.stack([ds[j]["image"] for j in range(i, min(i + 16, len(ds)))])))
-                       for i in range(0, len(ds), 16)])
-    x = y[torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:20000]].numpy()
-    km = KMeans(n_clusters=cfg.data.num_classes, n_init=3, random_state=seed).fit(x)
-    return CauseModel(model.backbone, model.head, model.codebook, torch.from_numpy(km.cluster_centers_).float(),
-                      model.meta)
 
 
 def point(cfg, dev_cfg, run_dir: Path, backbone, book, teacher, step: int, seed: int,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +20,6 @@ TINY = [
     "-s", "step3.resolution=128", "-s", "step3.batch_size=4", "-s", "step3.epochs=1",
     "-s", "eval.resolution=128", "-s", "eval.crf_workers=0", "-s", "eval.figures=2", "--no-progress",
 ]
-
-
-@pytest.fixture(scope="module")
-def camvid_tiny(tmp_path_factory):
-    from causeseg.data.root import data_root
-
-    root = data_root()
-    if root is None or not (root / "camvid" / "val" / "images").is_dir():
-        pytest.skip("shared data not found (../shared/data or CAUSESEG_DATA_ROOT): camvid needed")
-    out = tmp_path_factory.mktemp("camvid_tiny")
-    for split, n in (("train", 8), ("val", 4)):
-        src = root / "camvid" / split
-        for sub in ("images", "masks"):
-            (out / split / sub).mkdir(parents=True)
-        for p in sorted((src / "images").glob("*.png"))[:n]:
-            shutil.copy(p, out / split / "images" / p.name)
-            shutil.copy(src / "masks" / p.name, out / split / "masks" / p.name)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -32,24 +32,6 @@ STEP_FILES = ("clusterbook.pt", "head.pt", "centroids.pt")
 
 
 @pytest.fixture(scope="module")
-def camvid_tiny(tmp_path_factory):
-    from causeseg.data.root import data_root
-
-    root = data_root()
-    if root is None or not (root / "camvid" / "val" / "images").is_dir():
-        pytest.skip("shared data not found (../shared/data or CAUSESEG_DATA_ROOT): camvid needed")
-    out = tmp_path_factory.mktemp("camvid_tiny")
-    for split, n in (("train", 8), ("val", 4)):
-        src = root / "camvid" / split
-        for sub in ("images", "masks"):
-            (out / split / sub).mkdir(parents=True)
-        for p in sorted((src / "images").glob("*.png"))[:n]:
-            shutil.copy(p, out / split / "images" / p.name)
-            shutil.copy(src / "masks" / p.name, out / split / "masks" / p.name)
-    return out
-
-
-@pytest.fixture(scope="module")
 def selftrained(camvid_tiny, tmp_path_factory):
     run = tmp_path_factory.mktemp("selftrain_run")
     assert main(["run", *TINY, *SELFTRAIN, "--data-root", str(camvid_tiny), "-o", str(run)]) == 0
