@@ -16,16 +16,10 @@ from PIL import Image
 from causeseg.cli import main
 from causeseg.config import load_config
 from causeseg.provenance import differences, step_fingerprints
+from test_cli import TINY as CLI_TINY
 
-TINY = [
-    "--backbone", "efficientnet_lite0", "-s", "backbone.options={feature_stride: 16}",
-    "-s", "data.dataset=camvid", "-s", "data.num_classes=11",
-    "-s", "step1.k=32", "-s", "step1.resolution=128", "-s", "step1.batch_size=4",
-    "-s", "step2.head=mlp", "-s", "step2.resolution=128", "-s", "step2.batch_size=4", "-s", "step2.epochs=1",
-    "-s", "step2.projection_dim=32", "-s", "step2.reduced_dim=16", "-s", "step2.bank_size=4",
-    "-s", "step3.resolution=128", "-s", "step3.batch_size=4", "-s", "step3.epochs=1",
-    "-s", "eval.resolution=128", "-s", "eval.crf_workers=0", "-s", "eval.figures=0", "--no-progress",
-]
+# the CLI tests' tiny CamVid run, without figures
+TINY = ["eval.figures=0" if x == "eval.figures=2" else x for x in CLI_TINY]
 SELFTRAIN = ["-s", "selftrain.enabled=true", "-s", "selftrain.epochs=2", "-s", "selftrain.hidden=8",
              "-s", "selftrain.batch_size=4"]
 STEP_FILES = ("clusterbook.pt", "head.pt", "centroids.pt")

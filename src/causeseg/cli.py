@@ -68,6 +68,12 @@ def _add_predictor_arg(p: argparse.ArgumentParser) -> None:
                         "(selftrain), the Step-3 centroids (centroids), or the former when the model has one (auto)")
 
 
+def _alpha(model, centroid_alpha: float) -> float:
+    """The CRF unary scale for ``model``'s scores: the self-trained head's scores are logits (1); the centroid
+    cosines take ``centroid_alpha`` (eval.alpha, 3 for CAUSE)."""
+    return 1.0 if model.predictor_name == "selftrain" else centroid_alpha
+
+
 def _overrides_from_args(args) -> list[str]:
     ov = list(args.overrides)
     if args.backbone:
@@ -173,9 +179,8 @@ def _evaluate_model(cfg, model_path: Path, out_dir: Path, *, split: str | None, 
         raise DataError(f"split {split!r} of data.dataset={cfg.data.dataset} cannot be read: {exc}") from None
     log.info("evaluate %s (%s predictor) on %s split %r: %d images, %d classes", model_path,
              model.predictor_name, cfg.data.dataset, split, len(ds), cfg.data.num_classes)
-    # the self-trained head's scores are logits: alpha 1 (eval.alpha scales the centroid cosines)
     scorer = Predictor(model, device=device, amp=cfg.run.amp, flip=e.flip if flip is None else flip,
-                       alpha=1.0 if model.predictor_name == "selftrain" else e.alpha)
+                       alpha=_alpha(model, e.alpha))
     res = evaluate(scorer, ds, num_classes=cfg.data.num_classes, batch_size=e.batch_size,
                    crf=e.crf if crf is None else crf, crf_workers=e.crf_workers, crf_timeout=e.crf_timeout,
                    out_dir=out_dir, class_names=_class_names(cfg), figures=e.figures, progress=cfg.run.progress)
@@ -292,7 +297,7 @@ def cmd_predict(args) -> int:
     if res < stride:
         raise ValueError(f"--resolution={res} is smaller than one backbone patch ({stride} px)")
     runner = CRFRunner(workers=0) if not args.no_crf else None
-    alpha = args.alpha if args.alpha is not None else (1.0 if model.predictor_name == "selftrain" else 3.0)
+    alpha = args.alpha if args.alpha is not None else _alpha(model, 3.0)
     predictor = Predictor(model, device=device, flip=not args.no_flip, alpha=alpha, crf_runner=runner)
     report = predict_folder(predictor, args.inputs, out, resolution=res, crf=not args.no_crf,
                             progress=not args.no_progress, on_error="skip" if args.skip_bad else "raise")
